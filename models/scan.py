@@ -1,0 +1,84 @@
+"""The selective scan (Mamba's S6 recurrence) and the one place that picks its backend.
+
+Every backend has the signature of mamba-ssm's ``selective_scan_fn``:
+
+    u, delta, z: (B, D, L)    A: (D, N)    B, C: (B, N, L)    D, delta_bias: (D,)
+    returns out: (B, D, L) in u's dtype
+
+    delta <- softplus(delta + delta_bias)            (when delta_softplus)
+    h_t    = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t       h: (B, D, N)
+    y_t    = <C_t, h_t> + D * u_t
+    out_t  = y_t * silu(z_t)                         (when z is given)
+
+Backends: ``ref`` (pure PyTorch, runs anywhere), ``cuda`` (mamba-ssm's kernel) and ``triton`` (our kernel
+for short sequences, ``models/scan_triton.py``). ``auto`` takes the fastest one that can run on the device.
+"""
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+SCAN_CHOICES = ("auto", "ref", "cuda", "triton")
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Pure-PyTorch selective scan in fp32; shapes as in the module docstring."""
+    dtype_in = u.dtype
+    u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    dA = torch.exp(delta.unsqueeze(-1) * A[:, None])                                 # (B, D, L, N)
+    dBu = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)          # (B, D, L, N)
+    h = torch.zeros_like(dA[:, :, 0])                                         # (B, D, N)
+    states = []
+    for t in range(u.shape[-1]):  # the recurrence is sequential in t; everything else is batched
+        h = dA[:, :, t] * h + dBu[:, :, t]
+        states.append(h)
+    y = torch.einsum("bdln,bnl->bdl", torch.stack(states, dim=2), C)
+    if D is not None:
+        y = y + u * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype_in)
+
+
+def mamba_ssm_available():
+    return importlib.util.find_spec("mamba_ssm") is not None
+
+
+def triton_scan_available():
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_scan(name, device):
+    """Turn ``--scan`` into a backend that runs on ``device``; asking for a missing one raises ValueError."""
+    device = torch.device(device)
+    if name not in SCAN_CHOICES:
+        raise ValueError(f"--scan must be one of {', '.join(SCAN_CHOICES)}, got {name!r}")
+    if name == "auto":
+        if device.type != "cuda":
+            return "ref"
+        return "cuda" if mamba_ssm_available() else "ref"
+    if name in ("cuda", "triton") and device.type != "cuda":
+        raise ValueError(f"--scan {name} needs a CUDA device, but the run is on {device.type}")
+    if name == "cuda" and not mamba_ssm_available():
+        raise ValueError("--scan cuda needs mamba-ssm, which is not installed (pip install mamba-ssm "
+                         "causal-conv1d --no-build-isolation), or use --scan ref")
+    if name == "triton" and not triton_scan_available():
+        raise ValueError("--scan triton needs the triton package, which is not installed")
+    return name
+
+
+def get_scan_fn(backend):
+    """The scan function of a resolved backend (see ``resolve_scan``)."""
+    if backend == "ref":
+        return selective_scan_ref
+    if backend == "cuda":
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        return selective_scan_fn
+    if backend == "triton":
+        from models.scan_triton import selective_scan_triton
+        return selective_scan_triton
+    raise ValueError(f"unknown scan backend {backend!r}")

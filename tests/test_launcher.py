@@ -1,0 +1,363 @@
+"""Tests for run_mamba_baseline.sh, with a fake nvidia-smi and a fake Python interpreter.
+
+The script is copied into a temporary directory next to a stub ``train_mamba_baseline.py`` (the
+launcher cds to its own directory and checks that the trainer is there), so nothing is written into
+the repository and the real trainer is never started. The fake interpreter records its argv (and pid)
+as ``<dataset>.json`` in a temporary directory and then sleeps, so the launched "runs" are real
+processes until the test kills them.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "run_mamba_baseline.sh"
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+n="${FAKE_GPU_COUNT:-0}"
+if [ "$n" -eq 0 ]; then
+    echo "No devices were found"
+    exit 6
+fi
+i=0
+while [ "$i" -lt "$n" ]; do
+    echo "GPU $i: NVIDIA Fake GPU (UUID: GPU-0000000$i)"
+    i=$((i + 1))
+done
+"""
+
+FAKE_PYTHON = """#!{python}
+import json, os, sys, time
+args = sys.argv[1:]
+dataset = args[args.index("--dataset") + 1] if "--dataset" in args else "unknown"
+out = os.path.join(os.environ["FAKE_ARGV_DIR"], dataset + ".json")
+with open(out + ".tmp", "w") as f:
+    json.dump({{"pid": os.getpid(), "argv": args}}, f)
+os.replace(out + ".tmp", out)
+print("fake trainer started", dataset, flush=True)
+time.sleep(float(os.environ.get("FAKE_SLEEP", "60")))
+"""
+
+RUN_LINE = re.compile(r"^\[(?P<ds>cifar10|cifar100)\] arch: (?P<arch>\S+)\s+device: (?P<dev>.+?)\s+PID: (?P<pid>\d+)$")
+TS_RE = r"\d{8}_\d{6}"
+
+
+def _write_exe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def _path_without_nvidia_smi() -> str:
+    return os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and not (Path(d) / "nvidia-smi").exists())
+
+
+class Launcher:
+    def __init__(self, tmp_path: Path):
+        self.root = tmp_path / "repo"
+        self.root.mkdir()
+        shutil.copy2(SCRIPT, self.root / SCRIPT.name)
+        (self.root / "train_mamba_baseline.py").write_text("raise SystemExit('stub: never run')\n")
+        self.bin = tmp_path / "bin"
+        self.bin.mkdir()
+        _write_exe(self.bin / "nvidia-smi", FAKE_NVIDIA_SMI)
+        self.fake_python = _write_exe(tmp_path / "fake_python", FAKE_PYTHON.format(python=sys.executable))
+        self.argv_dir = tmp_path / "argv"
+        self.argv_dir.mkdir()
+        self.log_dir = tmp_path / "logs"
+        self.ckpt_dir = tmp_path / "ckpt"
+        self.pids: set[int] = set()
+
+    def run(self, gpus=2, nvidia_smi=True, timeout=20, **overrides):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("RUN_", "ARCH_", "GPU_", "FAKE_")) and k not in (
+                   "EPOCHS", "BATCH_SIZE", "LOG_DIR", "CKPT_DIR", "DATA_ROOT", "PYTHON", "ALLOW_CPU",
+                   "EXTRA_ARGS", "RESUME")}
+        base_path = _path_without_nvidia_smi()
+        env.update(
+            PATH=(str(self.bin) + os.pathsep + base_path) if nvidia_smi else base_path,
+            FAKE_GPU_COUNT=str(gpus),
+            FAKE_ARGV_DIR=str(self.argv_dir),
+            PYTHON=str(self.fake_python),
+            LOG_DIR=str(self.log_dir),
+            CKPT_DIR=str(self.ckpt_dir),
+        )
+        env.update({k: str(v) for k, v in overrides.items()})
+        t0 = time.monotonic()
+        proc = subprocess.run(["bash", str(self.root / SCRIPT.name)], cwd=self.root, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        proc.elapsed = time.monotonic() - t0
+        proc.runs = self.parse(proc.stdout)
+        self.pids.update(r["pid"] for r in proc.runs.values())
+        return proc
+
+    @staticmethod
+    def parse(stdout: str) -> dict:
+        """{dataset: {arch, device, pid, log, out}} from the launcher's report."""
+        runs, current = {}, None
+        for line in stdout.splitlines():
+            m = RUN_LINE.match(line.strip())
+            if m:
+                current = {"arch": m["arch"], "device": m["dev"], "pid": int(m["pid"])}
+                runs[m["ds"]] = current
+                continue
+            s = line.strip()
+            if current is not None and s.startswith(("log: ", "out: ")):
+                current[s[:3]] = s[5:]
+        return runs
+
+    def argv(self, dataset, timeout=15.0) -> list:
+        """The argv the fake trainer for ``dataset`` got (waits for it to start)."""
+        path = self.argv_dir / f"{dataset}.json"
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the {dataset} run never started ({path} missing)")
+            time.sleep(0.05)
+        data = json.loads(path.read_text())
+        self.pids.add(data["pid"])
+        return data["argv"]
+
+    def started(self) -> list:
+        return sorted(p.stem for p in self.argv_dir.glob("*.json"))
+
+    def cleanup(self):
+        for f in self.argv_dir.glob("*.json"):
+            try:
+                self.pids.add(json.loads(f.read_text())["pid"])
+            except (OSError, ValueError, KeyError):
+                pass
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def opt(argv, name):
+    """The value following ``name`` in argv (asserting it occurs exactly once)."""
+    assert argv.count(name) == 1, f"{name} occurs {argv.count(name)} times in {argv}"
+    return argv[argv.index(name) + 1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    lch = Launcher(tmp_path)
+    yield lch
+    lch.cleanup()
+
+
+def test_script_is_executable_bash():
+    assert SCRIPT.exists()
+    assert os.access(SCRIPT, os.X_OK)
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+
+
+def test_default_launch_two_gpus(launcher):
+    proc = launcher.run(gpus=2)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.elapsed < 10, "the launcher must return at once, leaving the runs going"
+    assert set(proc.runs) == {"cifar10", "cifar100"}
+
+    for ds, gpu in (("cifar10", "0"), ("cifar100", "1")):
+        run = proc.runs[ds]
+        argv = launcher.argv(ds)
+        assert alive(run["pid"]), f"printed PID {run['pid']} is not a running process"
+        # The printed PID is the trainer process itself (nohup execs it).
+        assert json.loads((launcher.argv_dir / f"{ds}.json").read_text())["pid"] == run["pid"]
+        assert run["arch"] == "mamba_small"
+        assert run["device"] == f"GPU {gpu}"
+
+        assert argv[0] == "train_mamba_baseline.py"
+        assert opt(argv, "--dataset") == ds
+        assert opt(argv, "--arch") == "mamba_small"
+        assert opt(argv, "--gpu") == gpu
+        assert "--device" not in argv
+        assert opt(argv, "--epochs") == "300"
+        assert opt(argv, "--batch_size") == "128"
+        assert opt(argv, "--data_dir") == f"./datasets/{ds}"
+        assert opt(argv, "--save_dir") == f"{launcher.ckpt_dir}/{ds}"
+        assert opt(argv, "--log_dir") == str(launcher.log_dir)
+        assert opt(argv, "--lr") == "1e-3"
+        assert opt(argv, "--weight_decay") == "0.05"
+        assert opt(argv, "--warmup_epochs") == "20"
+        assert opt(argv, "--mixup_alpha") == "0.8"
+        assert opt(argv, "--cutmix_alpha") == "1.0"
+        assert opt(argv, "--label_smoothing") == "0.1"
+        assert "--resume" not in argv
+
+        ts = opt(argv, "--run_id")
+        assert re.fullmatch(TS_RE, ts)
+        assert run["log"] == f"{launcher.log_dir}/mamba_small_{ds}_baseline_{ts}.log"
+        assert run["out"] == f"{launcher.log_dir}/mamba_small_{ds}_baseline_{ts}.out"
+        assert Path(run["out"]).exists()
+
+    # One timestamp per launch.
+    assert opt(launcher.argv("cifar10"), "--run_id") == opt(launcher.argv("cifar100"), "--run_id")
+    # How to follow / stop / resume.
+    assert f"tail -f {launcher.log_dir}/*.log" in proc.stdout
+    assert re.search(r"kill .*\b%d\b" % proc.runs["cifar10"]["pid"], proc.stdout)
+    assert "RESUME=true ./run_mamba_baseline.sh" in proc.stdout
+    # The fake trainer's stdout lands in the .out file.
+    out = Path(proc.runs["cifar10"]["out"])
+    deadline = time.monotonic() + 10
+    while "fake trainer started" not in out.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "fake trainer started cifar10" in out.read_text()
+
+
+def test_quick_test_uses_30_epochs(launcher):
+    proc = launcher.run(RUN_QUICK_TEST="true", EPOCHS="123")
+    assert proc.returncode == 0, proc.stderr
+    for ds in ("cifar10", "cifar100"):
+        argv = launcher.argv(ds)
+        assert opt(argv, "--epochs") == "30"
+        assert opt(argv, "--warmup_epochs") == "3"
+
+
+def test_epochs_and_arch_overrides(launcher):
+    proc = launcher.run(EPOCHS="7", ARCH_CIFAR100="mamba_tiny", BATCH_SIZE="64", DATA_ROOT="/data")
+    assert proc.returncode == 0, proc.stderr
+    argv = launcher.argv("cifar100")
+    assert opt(argv, "--epochs") == "7"
+    assert opt(argv, "--arch") == "mamba_tiny"
+    assert opt(argv, "--batch_size") == "64"
+    assert opt(argv, "--data_dir") == "/data/cifar100"
+    ts = opt(argv, "--run_id")
+    assert proc.runs["cifar100"]["log"] == f"{launcher.log_dir}/mamba_tiny_cifar100_baseline_{ts}.log"
+    assert opt(launcher.argv("cifar10"), "--arch") == "mamba_small"
+
+
+def test_only_cifar10(launcher):
+    proc = launcher.run(RUN_CIFAR100="false")
+    assert proc.returncode == 0, proc.stderr
+    assert set(proc.runs) == {"cifar10"}
+    assert opt(launcher.argv("cifar10"), "--gpu") == "0"
+    time.sleep(0.5)
+    assert launcher.started() == ["cifar10"]
+
+
+def test_one_gpu_puts_both_runs_on_gpu0(launcher):
+    proc = launcher.run(gpus=1)
+    assert proc.returncode == 0, proc.stderr
+    assert "one GPU" in proc.stdout
+    assert opt(launcher.argv("cifar10"), "--gpu") == "0"
+    assert opt(launcher.argv("cifar100"), "--gpu") == "0"
+    assert alive(proc.runs["cifar10"]["pid"]) and alive(proc.runs["cifar100"]["pid"])
+
+
+def test_explicit_gpus(launcher):
+    proc = launcher.run(gpus=4, GPU_CIFAR10="3", GPU_CIFAR100="2")
+    assert proc.returncode == 0, proc.stderr
+    assert opt(launcher.argv("cifar10"), "--gpu") == "3"
+    assert opt(launcher.argv("cifar100"), "--gpu") == "2"
+
+
+@pytest.mark.parametrize("gpus,overrides,bad", [
+    (2, {"GPU_CIFAR10": "2"}, "2"),
+    (2, {"GPU_CIFAR100": "5"}, "5"),
+    (1, {"RUN_CIFAR10": "false"}, "1"),  # CIFAR-100 alone keeps its GPU 1
+])
+def test_gpu_index_out_of_range(launcher, gpus, overrides, bad):
+    proc = launcher.run(gpus=gpus, **overrides)
+    assert proc.returncode == 2
+    assert proc.runs == {}
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1, proc.stderr
+    assert f"={bad}" in err[0] and f"only {gpus} GPU" in err[0]
+    time.sleep(0.5)
+    assert launcher.started() == []
+    assert not list(launcher.log_dir.glob("*.out"))
+
+
+def test_no_nvidia_smi_fails(launcher):
+    proc = launcher.run(nvidia_smi=False)
+    assert proc.returncode != 0
+    assert "no GPU found" in proc.stderr
+    assert proc.runs == {}
+    time.sleep(0.3)
+    assert launcher.started() == []
+
+
+def test_zero_gpus_fails(launcher):
+    proc = launcher.run(gpus=0)
+    assert proc.returncode != 0
+    assert "no GPU found" in proc.stderr
+    assert launcher.started() == []
+
+
+@pytest.mark.parametrize("nvidia_smi", [False, True])
+def test_allow_cpu(launcher, nvidia_smi):
+    proc = launcher.run(gpus=0, nvidia_smi=nvidia_smi, ALLOW_CPU="true")
+    assert proc.returncode == 0, proc.stderr
+    for ds in ("cifar10", "cifar100"):
+        argv = launcher.argv(ds)
+        assert opt(argv, "--device") == "cpu"
+        assert "--gpu" not in argv
+        assert proc.runs[ds]["device"] == "cpu"
+
+
+def test_allow_cpu_still_uses_gpus_when_present(launcher):
+    proc = launcher.run(gpus=2, ALLOW_CPU="true")
+    assert proc.returncode == 0, proc.stderr
+    argv = launcher.argv("cifar100")
+    assert opt(argv, "--gpu") == "1"
+    assert "--device" not in argv
+
+
+def test_resume_passes_resume_auto(launcher):
+    proc = launcher.run(RESUME="true")
+    assert proc.returncode == 0, proc.stderr
+    for ds in ("cifar10", "cifar100"):
+        assert opt(launcher.argv(ds), "--resume") == "auto"
+
+
+def test_extra_args_are_appended_and_word_split(launcher):
+    proc = launcher.run(RUN_CIFAR10="false", GPU_CIFAR100="0", EXTRA_ARGS="--num_workers 8  --amp")
+    assert proc.returncode == 0, proc.stderr
+    argv = launcher.argv("cifar100")
+    assert argv[-3:] == ["--num_workers", "8", "--amp"]
+
+
+@pytest.mark.parametrize("var", ["RUN_CIFAR10", "RUN_CIFAR100", "RUN_QUICK_TEST", "ALLOW_CPU", "RESUME"])
+def test_bad_boolean_exits_2(launcher, var):
+    proc = launcher.run(**{var: "yes"})
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and var in err[0] and "true or false" in err[0], proc.stderr
+    time.sleep(0.3)
+    assert launcher.started() == []
+
+
+def test_nothing_requested_exits_2(launcher):
+    proc = launcher.run(RUN_CIFAR10="false", RUN_CIFAR100="false")
+    assert proc.returncode == 2
+    assert "nothing to run" in proc.stderr
+    assert launcher.started() == []
+
+
+def test_missing_python_exits_2(launcher):
+    proc = launcher.run(PYTHON="/nonexistent/python3")
+    assert proc.returncode == 2
+    assert "PYTHON" in proc.stderr
+    assert launcher.started() == []

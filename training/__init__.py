@@ -1,0 +1,1 @@
+"""Training a Vision Mamba on CIFAR: config, data, augmentation, loop, checkpoints, logs."""

@@ -1,0 +1,407 @@
+"""The training run: set up, train_one_epoch, evaluate, checkpoint, log, resume, stop cleanly.
+
+Nothing in the training step waits for the GPU: the loss, the non-finite-step counters and the epoch's
+sums stay on the device; the host reads them every ``SYNC_EVERY`` steps and at the end of an epoch.
+"""
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+
+from models.bimamba import causal_conv1d_available
+from models.scan import resolve_scan
+from models.vim import build_model
+from training import distributed as ddp
+from training.augment import TrainAugment
+from training.checkpoint import (CheckpointError, RunLock, check_compatible, checkpoint_paths, load_checkpoint,
+                                 rng_state, save_checkpoint, set_rng_state)
+from training.config import UsageError
+from training.data import MEAN_STD, DeviceData, load_cifar
+from training.logs import RunLog, log_paths, progress
+from training.optim import build_optimizer, lr_at
+
+SYNC_EVERY = 25  # steps between host reads of the device-side counters
+
+
+class Stopped(Exception):
+    """A signal asked the run to stop; the last checkpoint was written."""
+
+    def __init__(self, signum):
+        self.signum = signum
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+@dataclass
+class Position:
+    """Where the run is; saved in every checkpoint."""
+    epoch: int = 0              # epochs completed
+    step_in_epoch: int = 0      # optimizer steps done in the current epoch (0 at an epoch boundary)
+    global_step: int = 0
+    best_acc: float = 0.0
+    best_epoch: int = 0
+    bad_steps: int = 0          # steps skipped for a non-finite loss, whole run
+    history: list = field(default_factory=list)
+    partial: dict = field(default_factory=dict)   # a stopped epoch's sums so far: loss_sum, images, seconds
+
+
+class StopFlag:
+    """SIGTERM / SIGINT set a flag that the loop reads after each step; a second signal stops at once."""
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+
+
+def seed_epoch(seed, epoch, rank):
+    """Every random draw of an epoch (augmentation, Mixup, drop path) follows from (seed, epoch, rank), so a
+    run resumed at an epoch boundary needs no saved RNG state (mid-epoch resume restores the saved one)."""
+    s = (seed * 100_003 + epoch) * 1024 + rank
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+
+def resolve_device(cfg, local_rank):
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA GPU is visible (use --device cpu)")
+    if "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        return torch.device("cuda", local_rank)
+    if cfg.gpu >= torch.cuda.device_count():
+        raise UsageError(f"--gpu {cfg.gpu} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return torch.device("cuda", cfg.gpu)
+
+
+def find_resume(cfg):
+    if cfg.resume != "auto":
+        return cfg.resume
+    last = checkpoint_paths(cfg.save_dir, cfg.arch, cfg.dataset)["last"]
+    return last if os.path.isfile(last) else None
+
+
+class Run:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rank, self.world, local_rank = ddp.init_distributed("cuda" if self._wants_cuda() else "cpu")
+        self.device = resolve_device(cfg, local_rank)
+        self.is_main = self.rank == 0
+        self.stop = StopFlag()
+
+    def _wants_cuda(self):
+        return self.cfg.device == "cuda" or (self.cfg.device == "auto" and torch.cuda.is_available())
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def setup(self):
+        cfg, device = self.cfg, self.device
+        if cfg.num_workers:
+            torch.set_num_threads(cfg.num_workers)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        self.amp = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        self.paths = checkpoint_paths(cfg.save_dir, cfg.arch, cfg.dataset)
+
+        resume_path = find_resume(cfg) if cfg.resume else None
+        self.ckpt = load_checkpoint(resume_path) if resume_path else None
+        if self.ckpt:
+            check_compatible(self.ckpt, cfg, resume_path)
+            done = self.ckpt["position"]
+            if done["epoch"] >= cfg.epochs and done["step_in_epoch"] == 0:
+                raise UsageError(f"{resume_path} is a finished run ({done['epoch']}/{cfg.epochs} epochs, best "
+                                 f"{done['best_acc']:.2f}%); nothing to resume")
+        self.resume_path = resume_path
+
+        data = load_cifar(cfg.dataset, cfg.data_dir, download=self.is_main)
+        (xtr, ytr), (xte, yte) = data["train"], data["test"]
+        if cfg.train_subset:
+            xtr, ytr = xtr[:cfg.train_subset], ytr[:cfg.train_subset]
+        if cfg.test_subset:
+            xte, yte = xte[:cfg.test_subset], yte[:cfg.test_subset]
+        self.train_data = DeviceData(xtr, ytr, device)
+        self.test_data = DeviceData(xte, yte, device)
+        self.steps_per_epoch = self.train_data.steps_per_epoch(cfg.batch_size * cfg.accum_steps, self.world)
+        if self.steps_per_epoch == 0:
+            raise UsageError(f"{len(self.train_data)} training images are fewer than one step's "
+                             f"{cfg.batch_size * cfg.accum_steps * self.world}; lower --batch_size")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = build_model(cfg.arch, cfg.num_classes, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                                 patch_size=cfg.patch_size, drop_path=cfg.drop_path).to(device)
+        self.scan = resolve_scan(cfg.scan, device)
+        self.causal_conv = device.type == "cuda" and self.scan != "ref" and causal_conv1d_available()
+        self.model.set_kernels(self.scan, self.causal_conv)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, device)
+        self.pos = Position()
+        if self.ckpt:
+            self.model.load_state_dict(self.ckpt["model"])
+            self.optimizer.load_state_dict(self.ckpt["optimizer"])
+            self.pos = Position(**self.ckpt["position"])
+        self.train_model = self.model
+        if self.world > 1:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        mean, std = MEAN_STD[cfg.dataset]
+        self.augment = TrainAugment(use_randaugment=cfg.use_randaugment, mean=mean, std=std)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        mix_a = cfg.mixup_alpha if cfg.use_mixup else 0.0
+        cut_a = cfg.cutmix_alpha if cfg.use_cutmix else 0.0
+        self.mixup = Mixup(mixup_alpha=mix_a, cutmix_alpha=cut_a, label_smoothing=cfg.label_smoothing,
+                           num_classes=cfg.num_classes) if (mix_a > 0 or cut_a > 0) else None
+        self.criterion = SoftTargetCrossEntropy() if self.mixup else \
+            torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self._open_log()
+
+    def _open_log(self):
+        cfg = self.cfg
+        # Each invocation writes its own .log (the launcher prints its path); on resume the new .jsonl starts
+        # with the checkpoint's whole history, so it alone holds every epoch of the run.
+        log_path, jsonl_path = log_paths(cfg.log_dir, cfg.arch, cfg.dataset, cfg.run_id)
+        self.log = RunLog(log_path, jsonl_path, enabled=self.is_main)
+        if self.ckpt:
+            self.log.rewrite_jsonl(self.pos.history)
+            self.log.info(f"resumed from {self.resume_path} (log {self.ckpt['log_path']}): epoch {self.pos.epoch}, step {self.pos.step_in_epoch}"
+                          f" of {self.steps_per_epoch}, best {self.pos.best_acc:.2f}%")
+            self._note_changed_settings()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        step_batch = cfg.batch_size * cfg.accum_steps * self.world
+        self.log.info(f"command: {cfg.command}")
+        self.log.info("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(cfg).items()) if k != "command"))
+        self.log.info(f"model: {cfg.arch} {n_params:,} parameters, {self.model.cfg.num_patches + 1} tokens "
+                      f"(patch {cfg.patch_size}), width {self.model.cfg.embed_dim}, depth {self.model.cfg.depth}")
+        self.log.info(f"device: {gpu} x{self.world} | scan kernel: {self.scan} | causal-conv1d: "
+                      f"{'yes' if self.causal_conv else 'no (PyTorch conv1d)'} | precision: "
+                      f"{'bf16 autocast' if self.amp else 'fp32'}")
+        self.log.info(f"data: {len(self.train_data)} train / {len(self.test_data)} test images | global batch "
+                      f"{step_batch} = {cfg.batch_size} x {cfg.accum_steps} accum x {self.world} process(es) | "
+                      f"lr {cfg.lr:g} (not rescaled with the batch) | {self.steps_per_epoch} steps/epoch, "
+                      f"{self.warmup_steps} warmup steps")
+        self.log.info(f"log: {self.log.log_path} | metrics: {self.log.jsonl_path} | checkpoints: {cfg.save_dir}")
+
+    def _note_changed_settings(self):
+        saved = self.ckpt["config"]
+        recipe = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "use_randaugment", "use_mixup",
+                  "use_cutmix", "mixup_alpha", "cutmix_alpha", "label_smoothing", "accum_steps", "clip_grad",
+                  "min_lr", "warmup_lr", "seed", "drop_path", "train_subset")
+        changed = [f"{k} {saved.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in recipe
+                   if k in saved and saved[k] != getattr(self.cfg, k)]
+        if changed:
+            self.log.info("warning: resuming with settings that differ from the checkpoint's: " + "; ".join(changed))
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def checkpoint_state(self):
+        return {"format": "vim-cifar-checkpoint/1", "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "position": vars(self.pos).copy(),
+                "rng": rng_state(), "scaler": None,  # bf16 autocast needs no loss scaling
+                "config": {k: v for k, v in vars(self.cfg).items()}, "log_path": self.log.log_path}
+
+    def save(self, *kinds):
+        if not self.is_main:
+            return
+        state = self.checkpoint_state()
+        for kind in kinds:
+            path = self.paths[kind] if kind != "epoch" else self.paths["epoch"].format(self.pos.epoch)
+            save_checkpoint(state, path)
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def train_one_epoch(self, epoch):
+        cfg, pos, device = self.cfg, self.pos, self.device
+        start = pos.step_in_epoch
+        if start == 0:
+            seed_epoch(cfg.seed, epoch, self.rank)
+            pos.partial = {"loss_sum": 0.0, "images": 0, "seconds": 0.0}
+        else:
+            set_rng_state(self.ckpt["rng"])  # mid-epoch resume: the RNG exactly as it was at the stop
+        self.model.train()
+        loss_sum = torch.zeros((), device=device)
+        bad_streak = torch.zeros((), device=device)
+        max_streak = torch.zeros((), device=device)
+        bad_total = torch.zeros((), device=device)
+        batches = self.train_data.train_batches(cfg.batch_size, cfg.seed, epoch,
+                                                start_step=start * cfg.accum_steps, rank=self.rank,
+                                                world_size=self.world)
+        t0, last_save = time.perf_counter(), time.monotonic()
+        images = 0
+        steps = progress(range(start, self.steps_per_epoch), self.steps_per_epoch - start,
+                         self.is_main and not cfg.no_progress, f"epoch {epoch + 1}")
+        for step in steps:
+            lr = lr_at(pos.global_step, base_lr=cfg.lr, total_steps=self.total_steps,
+                       warmup_steps=self.warmup_steps, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for micro in range(cfg.accum_steps):
+                x, y = next(batches)
+                step_loss += self._forward_backward(x, y, last=micro == cfg.accum_steps - 1)
+                images += len(y)
+            finite = torch.isfinite(step_loss)
+            if cfg.clip_grad > 0:
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad, foreach=True)
+                finite &= torch.isfinite(norm)
+            bad = (~finite).float()
+            self.optimizer.found_inf = bad  # fused AdamW skips the whole update on the device when 1
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += torch.where(finite, step_loss, 0.0) * (cfg.batch_size * cfg.accum_steps)
+            bad_streak = (bad_streak + bad) * bad
+            max_streak = torch.maximum(max_streak, bad_streak)
+            bad_total += bad
+            pos.global_step += 1
+            pos.step_in_epoch = step + 1
+            if (step + 1) % SYNC_EVERY == 0 or step + 1 == self.steps_per_epoch:
+                if max_streak.item() >= cfg.max_bad_steps:
+                    raise NonFiniteLoss(f"the loss was not finite for {int(max_streak.item())} steps in a row "
+                                        f"(epoch {epoch + 1}, step {step + 1}); stopped. The last checkpoint "
+                                        f"({self.paths['last']}) is from before; try a lower --lr or --clip_grad 1")
+            stop = self.stop.signum is not None
+            save_due = cfg.save_every_minutes > 0 and time.monotonic() - last_save > 60 * cfg.save_every_minutes
+            if self.world > 1 and (step + 1) % 10 == 0:  # ranks must agree, or they wait on each other forever
+                flags = ddp.all_reduce_sum(torch.tensor([float(stop), float(save_due)], device=device))
+                stop, save_due = bool(flags[0] > 0), bool(flags[1] > 0)
+            elif self.world > 1:
+                stop = save_due = False
+            if (stop or save_due) and step + 1 < self.steps_per_epoch:
+                self._flush_partial(loss_sum, bad_total, images, t0)
+                loss_sum.zero_(), bad_total.zero_()
+                images, t0 = 0, time.perf_counter()
+                self.save("last")
+                last_save = time.monotonic()
+                if stop:
+                    raise Stopped(self.stop.signum or signal.SIGTERM)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self._flush_partial(loss_sum, bad_total, images, t0)
+        p = pos.partial
+        totals = ddp.all_reduce_sum(torch.tensor([p["loss_sum"], p["images"]], dtype=torch.float64, device=device))
+        return {"train_loss": totals[0].item() / max(1.0, totals[1].item()), "images": int(totals[1].item()), "seconds": p["seconds"], "lr": lr}
+
+    def _flush_partial(self, loss_sum, bad_total, images, t0):
+        p = self.pos.partial
+        p["loss_sum"] += loss_sum.item()
+        p["images"] += images
+        p["seconds"] += time.perf_counter() - t0
+        self.pos.bad_steps += int(bad_total.item())
+
+    def _forward_backward(self, x, y, last):
+        """One micro-batch: augment, mix, forward, backward. -> the (detached) loss on the device."""
+        x = self.augment(x)
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        sync = last or self.world == 1
+        ctx = self.train_model.no_sync() if not sync else _nullcontext()
+        with ctx:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                loss = self.criterion(self.train_model(x), y)
+            (loss / self.cfg.accum_steps).backward()
+        return loss.detach() / self.cfg.accum_steps
+
+    @torch.no_grad()
+    def evaluate(self):
+        """-> (mean loss, top-1 %, top-5 %) over the whole test split."""
+        self.model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, count
+        for x, y in self.test_data.eval_batches(self.cfg.eval_batch_size, self.rank, self.world):
+            x = (x.float() / 255 - self.mean) / self.std
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                logits = self.model(x).float()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top5 == y[:, None]
+            sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), hit[:, 0].sum(), hit.any(1).sum(),
+                                 torch.tensor(len(y), device=self.device)]).double()
+        loss, top1, top5, n = ddp.all_reduce_sum(sums).tolist()
+        return loss / n, 100 * top1 / n, 100 * top5 / n
+
+    def fit(self):
+        cfg, pos = self.cfg, self.pos
+        self.stop.install()
+        if self.is_main:
+            self.log.info(f"training epochs {pos.epoch + 1}..{cfg.epochs}")
+        for epoch in range(pos.epoch, cfg.epochs):
+            train = self.train_one_epoch(epoch)
+            t_eval = time.perf_counter()
+            test_loss, acc, acc5 = self.evaluate()
+            eval_seconds = time.perf_counter() - t_eval
+            pos.epoch, pos.step_in_epoch = epoch + 1, 0
+            improved = acc > pos.best_acc
+            if improved:
+                pos.best_acc, pos.best_epoch = acc, epoch + 1
+            rec = {"epoch": epoch + 1, "lr": train["lr"], "train_loss": train["train_loss"], "test_loss": test_loss,
+                   "test_acc": acc, "test_acc5": acc5 if cfg.num_classes > 10 else None, "best_acc": pos.best_acc,
+                   "epoch_time": train["seconds"] + eval_seconds,
+                   "images_per_s": train["images"] / max(train["seconds"], 1e-9), "bad_steps": pos.bad_steps}
+            pos.history.append(rec)
+            pos.partial = {}
+            kinds = ["last"] + (["best"] if improved else []) + (["epoch"] if (epoch + 1) % cfg.save_freq == 0
+                                                                  else [])
+            self.save(*kinds)  # the checkpoint first: a crash before the log line loses no work
+            self.log.epoch(rec, cfg.epochs)
+        self.log.info(f"finished: best top-1 {pos.best_acc:.2f}% at epoch {pos.best_epoch}; "
+                      f"checkpoints in {cfg.save_dir}")
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(cfg):
+    """Runs the whole training; -> exit code. Raises UsageError / DataError / CheckpointError for bad input."""
+    run = Run(cfg)
+    try:
+        if run.is_main:
+            try:
+                os.makedirs(cfg.save_dir, exist_ok=True)
+                probe = os.path.join(cfg.save_dir, ".write_test")
+                open(probe, "w").close()
+                os.remove(probe)
+            except OSError as e:
+                raise CheckpointError(f"cannot write to --save_dir {cfg.save_dir}: {e.strerror}") from None
+        lock = RunLock(cfg.save_dir) if run.is_main else _nullcontext()
+        with lock:
+            run.setup()
+            try:
+                run.fit()
+            except Stopped as s:
+                name = signal.Signals(s.signum).name
+                run.log.info(f"stopped by {name} at epoch {run.pos.epoch + 1}, step {run.pos.step_in_epoch}; "
+                             f"the last checkpoint is {run.paths['last']}. Resume with the same command plus "
+                             f"--resume auto")
+                return 128 + s.signum
+            except NonFiniteLoss as e:
+                run.log.info(f"error: {e}")
+                return 3
+            finally:
+                if hasattr(run, "log"):
+                    run.log.close()
+        return 0
+    finally:
+        ddp.cleanup()

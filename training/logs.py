@@ -1,0 +1,60 @@
+"""The run's log: one readable line per epoch that `tail -f` follows, and a .jsonl of the same records."""
+import json
+import os
+import sys
+import time
+
+
+def log_paths(log_dir, arch, dataset, run_id):
+    stem = os.path.join(log_dir, f"{arch}_{dataset}_baseline_{run_id}")
+    return stem + ".log", stem + ".jsonl"
+
+
+class RunLog:
+    """Writes on rank 0 only; every other rank gets a RunLog with enabled=False that does nothing."""
+
+    def __init__(self, log_path, jsonl_path, enabled=True, echo=True):
+        self.log_path, self.jsonl_path, self.enabled, self.echo = log_path, jsonl_path, enabled, echo
+        if enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+            self._log = open(log_path, "a", buffering=1)
+
+    def info(self, message):
+        if not self.enabled:
+            return
+        for line in str(message).splitlines():
+            stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
+            self._log.write(stamped + "\n")
+            if self.echo:
+                print(stamped, flush=True)
+
+    def epoch(self, rec, total_epochs):
+        """rec: one epoch's metrics (see engine.epoch_record)."""
+        top5 = f" top5 {rec['test_acc5']:.2f}" if rec.get("test_acc5") is not None else ""
+        self.info(f"epoch {rec['epoch']:>3}/{total_epochs} | lr {rec['lr']:.2e} | train loss {rec['train_loss']:.4f}"
+                  f" | test loss {rec['test_loss']:.4f} acc {rec['test_acc']:.2f}{top5} | best {rec['best_acc']:.2f}"
+                  f" | {rec['epoch_time']:.1f}s {rec['images_per_s']:.0f} img/s")
+        if self.enabled:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def rewrite_jsonl(self, records):
+        """On resume: the .jsonl becomes exactly the checkpoint's history (no lost or doubled epochs)."""
+        if not self.enabled:
+            return
+        tmp = self.jsonl_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(tmp, self.jsonl_path)
+
+    def close(self):
+        if self.enabled:
+            self._log.close()
+
+
+def progress(iterable, total, enabled, desc):
+    """A tqdm bar when attached to a terminal; the plain iterable otherwise (logs stay clean)."""
+    if not enabled or not sys.stdout.isatty():
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
