@@ -3,7 +3,7 @@
 Nothing in the training step waits for the GPU: the loss, the non-finite-step counters and the epoch's
 sums stay on the device; the host reads them every ``SYNC_EVERY`` steps and at the end of an epoch.
 """
-import math
+import contextlib
 import os
 import random
 import signal
@@ -13,20 +13,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 
 from models.bimamba import causal_conv1d_available
 from models.scan import resolve_scan
 from models.vim import build_model
 from training import distributed as ddp
-from training.augment import TrainAugment
 from training.checkpoint import (CheckpointError, RunLock, check_compatible, checkpoint_paths, load_checkpoint,
                                  rng_state, save_checkpoint, set_rng_state)
 from training.config import UsageError
 from training.data import MEAN_STD, DeviceData, load_cifar
 from training.logs import RunLog, log_paths, progress
 from training.optim import build_optimizer, lr_at
+from training.step import TrainStep
 
 SYNC_EVERY = 25  # steps between host reads of the device-side counters
 
@@ -166,15 +164,14 @@ class Run:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
 
         mean, std = MEAN_STD[cfg.dataset]
-        self.augment = TrainAugment(use_randaugment=cfg.use_randaugment, mean=mean, std=std)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        mix_a = cfg.mixup_alpha if cfg.use_mixup else 0.0
-        cut_a = cfg.cutmix_alpha if cfg.use_cutmix else 0.0
-        self.mixup = Mixup(mixup_alpha=mix_a, cutmix_alpha=cut_a, label_smoothing=cfg.label_smoothing,
-                           num_classes=cfg.num_classes) if (mix_a > 0 or cut_a > 0) else None
-        self.criterion = SoftTargetCrossEntropy() if self.mixup else \
-            torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.step = TrainStep(self.model, self.optimizer, num_classes=cfg.num_classes, mean=mean, std=std,
+                              use_randaugment=cfg.use_randaugment,
+                              mixup_alpha=cfg.mixup_alpha if cfg.use_mixup else 0.0,
+                              cutmix_alpha=cfg.cutmix_alpha if cfg.use_cutmix else 0.0,
+                              label_smoothing=cfg.label_smoothing, amp=self.amp, clip_grad=cfg.clip_grad,
+                              train_model=self.train_model)
         self._open_log()
 
     def _open_log(self):
@@ -253,22 +250,9 @@ class Run:
         for step in steps:
             lr = lr_at(pos.global_step, base_lr=cfg.lr, total_steps=self.total_steps,
                        warmup_steps=self.warmup_steps, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for micro in range(cfg.accum_steps):
-                x, y = next(batches)
-                step_loss += self._forward_backward(x, y, last=micro == cfg.accum_steps - 1)
-                images += len(y)
-            finite = torch.isfinite(step_loss)
-            if cfg.clip_grad > 0:
-                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad, foreach=True)
-                finite &= torch.isfinite(norm)
-            bad = (~finite).float()
-            self.optimizer.found_inf = bad  # fused AdamW skips the whole update on the device when 1
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss_sum += torch.where(finite, step_loss, 0.0) * (cfg.batch_size * cfg.accum_steps)
+            step_loss, bad = self.step([next(batches) for _ in range(cfg.accum_steps)], lr)
+            images += cfg.batch_size * cfg.accum_steps
+            loss_sum += step_loss * (cfg.batch_size * cfg.accum_steps)
             bad_streak = (bad_streak + bad) * bad
             max_streak = torch.maximum(max_streak, bad_streak)
             bad_total += bad
@@ -299,7 +283,8 @@ class Run:
         self._flush_partial(loss_sum, bad_total, images, t0)
         p = pos.partial
         totals = ddp.all_reduce_sum(torch.tensor([p["loss_sum"], p["images"]], dtype=torch.float64, device=device))
-        return {"train_loss": totals[0].item() / max(1.0, totals[1].item()), "images": int(totals[1].item()), "seconds": p["seconds"], "lr": lr}
+        return {"train_loss": totals[0].item() / max(1.0, totals[1].item()), "images": int(totals[1].item()),
+                "seconds": p["seconds"], "lr": lr}
 
     def _flush_partial(self, loss_sum, bad_total, images, t0):
         p = self.pos.partial
@@ -307,19 +292,6 @@ class Run:
         p["images"] += images
         p["seconds"] += time.perf_counter() - t0
         self.pos.bad_steps += int(bad_total.item())
-
-    def _forward_backward(self, x, y, last):
-        """One micro-batch: augment, mix, forward, backward. -> the (detached) loss on the device."""
-        x = self.augment(x)
-        if self.mixup is not None:
-            x, y = self.mixup(x, y)
-        sync = last or self.world == 1
-        ctx = self.train_model.no_sync() if not sync else _nullcontext()
-        with ctx:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                loss = self.criterion(self.train_model(x), y)
-            (loss / self.cfg.accum_steps).backward()
-        return loss.detach() / self.cfg.accum_steps
 
     @torch.no_grad()
     def evaluate(self):
@@ -361,16 +333,10 @@ class Run:
                                                                   else [])
             self.save(*kinds)  # the checkpoint first: a crash before the log line loses no work
             self.log.epoch(rec, cfg.epochs)
+            if self.stop.signum is not None and epoch + 1 < cfg.epochs:
+                raise Stopped(self.stop.signum)  # asked during the epoch's last step: its checkpoint is saved
         self.log.info(f"finished: best top-1 {pos.best_acc:.2f}% at epoch {pos.best_epoch}; "
                       f"checkpoints in {cfg.save_dir}")
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train(cfg):
@@ -385,7 +351,7 @@ def train(cfg):
                 os.remove(probe)
             except OSError as e:
                 raise CheckpointError(f"cannot write to --save_dir {cfg.save_dir}: {e.strerror}") from None
-        lock = RunLock(cfg.save_dir) if run.is_main else _nullcontext()
+        lock = RunLock(cfg.save_dir) if run.is_main else contextlib.nullcontext()
         with lock:
             run.setup()
             try:
