@@ -11,10 +11,11 @@ RandAugment follows ``torchvision.transforms.v2.RandAugment`` (op set, magnitude
 magnitudes, NEAREST interpolation, fill 0), except that every image draws its own ops and signs
 (torchvision's transform draws one set of ops for the whole tensor it is given):
 
-* colour ops are torchvision's own tensor kernels (``torchvision.transforms.v2.functional``), which
-  already work on a batch when their parameter is shared; an op with a per-sample sign is run once
-  with +m and once with -m and the two results are picked per image with ``torch.where``. Colour ops
-  therefore match torchvision bit for bit.
+* colour ops are torchvision's tensor kernels (``torchvision.transforms.v2.functional``), which
+  already work on a batch when their parameter is shared, except Sharpness and AutoContrast, which
+  are re-implemented here with the same arithmetic because torchvision's versions synchronise the
+  CUDA stream. An op with a per-image sign is run once with +m and once with -m and the two results
+  are picked per image with ``torch.where``. Colour ops match torchvision bit for bit.
 * geometric ops (ShearX/Y, TranslateX/Y, Rotate) are one per-image inverse affine matrix, computed
   in double precision with torchvision's conventions (centre, shear definition, rotation direction),
   turned into a sampling grid the way torchvision's tensor kernel does and sampled with one
@@ -121,23 +122,26 @@ def op_magnitude(op_name, magnitude=9, num_magnitude_bins=31, height=32, width=3
 def _inverse_affine(center, angle, translate, shear):
     """Inverse affine map (output pixel -> input pixel) as 6 floats [a, b, c, d, e, f], in double.
 
-    Same convention as torchvision: forward map = T(translate) * C(center) * R(angle) * Sh(shear) *
-    C^-1, with R * Sh = R(angle) * ShearY(shear[1]) * ShearX(shear[0]) (angles in degrees), and
-    coordinates measured from the image centre. R * Sh has determinant 1, so its inverse is its
-    adjugate.
+    Same convention as torchvision: forward map = T(translate) * C(center) * L * C^-1 with linear
+    part L = R(angle) * ShearY(shear[1]) * ShearX(shear[0]) (angles in degrees), coordinates
+    measured from the image centre. det(L) = 1, so L^-1 is its adjugate. The terms are evaluated in
+    the order torchvision 0.29 uses, so the float32-rounded matrices come out identical (the
+    algebraically equal textbook order differs in the last bit now and then, which moves a few
+    nearest-neighbour picks on odd image sizes).
     """
     rot, sx, sy = math.radians(angle), math.radians(shear[0]), math.radians(shear[1])
     cx, cy = center
     tx, ty = translate
-    # Forward linear part [[p, q], [r, s]].
+    tan_sx = math.tan(sx)
+    # Forward linear part L = [[p, q], [r, s]].
     p = math.cos(rot - sy) / math.cos(sy)
-    q = -math.cos(rot - sy) * math.tan(sx) / math.cos(sy) - math.sin(rot)
+    q = -(p * tan_sx + math.sin(rot))
     r = math.sin(rot - sy) / math.cos(sy)
-    s = -math.sin(rot - sy) * math.tan(sx) / math.cos(sy) + math.cos(rot)
-    a, b, d, e = s, -q, -r, p  # inverse linear part
-    # Inverse offset: C * L^-1 * (-C - T).
-    ux, uy = -cx - tx, -cy - ty
-    return [a, b, a * ux + b * uy + cx, d, e, d * ux + e * uy + cy]
+    s = math.cos(rot) - r * tan_sx
+    a, b, d, e = s, -q, -r, p  # L^-1
+    # Offset of C * L^-1 * C^-1 * T^-1: c - L^-1 (c + t).
+    return [a, b, cx - a * (cx + tx) - b * (cy + ty),
+            d, e, cy - d * (cx + tx) - e * (cy + ty)]
 
 
 def _geometric_matrix(op_name, value, height, width):
@@ -162,6 +166,19 @@ def _geometric_matrix(op_name, value, height, width):
     raise ValueError(f"{op_name!r} is not a geometric op")
 
 
+@functools.lru_cache(maxsize=16)
+def _pixel_grid(height, width, device):
+    """Output pixel centres relative to the image centre, homogeneous: float32 (1, H*W, 3); and the
+    half-size (2,) = (W/2, H/2). Cached per device so that no call copies from the host (a blocking
+    host-to-device copy synchronises the CUDA stream)."""
+    xs = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width, device=device)
+    ys = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height, device=device)
+    ones = torch.ones(height, width, device=device)
+    base = torch.stack([xs.expand(height, width), ys[:, None].expand(height, width), ones], -1)
+    half = torch.tensor([0.5 * width, 0.5 * height], device=device)
+    return base.view(1, height * width, 3), half
+
+
 def affine_nearest(x, theta):
     """Warp each image by its own inverse affine matrix, nearest neighbour, zeros outside.
 
@@ -169,38 +186,82 @@ def affine_nearest(x, theta):
     positions, both measured in pixels from the image centre. Returns uint8 (B, C, H, W).
     """
     b, c, h, w = x.shape
-    dev = theta.device
-    # Output pixel centres relative to the image centre, as homogeneous rows (1, H*W, 3).
-    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=dev)
-    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=dev)
-    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=dev)], -1)
+    base, half = _pixel_grid(h, w, x.device)
     # Dividing theta by the half-size maps the result to grid_sample's [-1, 1] (align_corners=False)
-    # coordinates; same order of operations as torchvision's kernel, so the grids agree to the bit
-    # in almost every pixel.
-    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=dev)  # (B, 3, 2)
-    grid = torch.matmul(base.view(1, h * w, 3), scaled).view(b, h, w, 2)
+    # coordinates. Same order of float32 operations as torchvision's kernel, so the sampling
+    # positions, and hence the nearest-neighbour picks, agree with it.
+    scaled = theta.transpose(1, 2) / half  # (B, 3, 2)
+    grid = torch.matmul(base, scaled).view(b, h, w, 2)
     out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return out.round_().to(torch.uint8)
 
 
+@functools.lru_cache(maxsize=64)
+def _op_thetas(op_name, value, height, width, device):
+    """float32 (2, 2, 3): inverse affine matrices of a geometric op with +value ([0]) and -value ([1])."""
+    mats = [_geometric_matrix(op_name, value, height, width),
+            _geometric_matrix(op_name, -value, height, width)]
+    return torch.tensor(mats, dtype=torch.float32).view(2, 2, 3).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _sharpness_kernel(channels, device):
+    """float32 (C, 1, 3, 3) depthwise smoothing kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13."""
+    kernel = torch.full((channels, 1, 3, 3), 1.0 / 13.0, device=device)
+    kernel[:, :, 1, 1] = 5.0 / 13.0
+    return kernel
+
+
+def adjust_sharpness(x, factor):
+    """PIL-style sharpness for a uint8 batch (B, C, H, W), the same float32 arithmetic as
+    torchvision's tensor kernel (blend with a rounded 3x3 smoothing of the interior; the one-pixel
+    border is kept), but with a cached kernel: torchvision builds its kernel from a Python list on
+    every call, a host-to-device copy that synchronises the CUDA stream."""
+    b, c, h, w = x.shape
+    if h <= 2 or w <= 2:
+        return x
+    out = x.float()
+    smooth = F.conv2d(out, _sharpness_kernel(c, x.device), groups=c).round_()  # (B, C, H-2, W-2)
+    interior = out[..., 1:-1, 1:-1]
+    interior.add_(smooth.sub_(interior), alpha=1.0 - factor)  # interior + (1 - f) * (smooth - interior)
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def autocontrast(x):
+    """Per (image, channel) min-max stretch to [0, 255] of a uint8 batch (B, C, H, W), the same
+    float32 arithmetic as torchvision's tensor kernel, whose masked assignments read a value back
+    to the host (a CUDA sync); constant channels are left as they are."""
+    f = x.float()
+    lo = f.amin(dim=(-2, -1), keepdim=True)
+    hi = f.amax(dim=(-2, -1), keepdim=True)
+    flat = hi == lo
+    inv_scale = torch.where(flat, 1.0, (hi - lo).mul_(1.0 / 255.0))
+    lo = torch.where(flat, 0.0, lo)
+    return f.sub_(lo).div_(inv_scale).clamp_(0, 255).to(torch.uint8)
+
+
 def _colour_op(x, op_name, value):
-    """torchvision's tensor kernel for a colour op with one (signed) magnitude for the whole batch."""
+    """A colour op with one (signed) magnitude for the whole batch (B, C, H, W), uint8 in and out.
+
+    torchvision's own tensor kernels where they are already batched and sync-free; Sharpness and
+    AutoContrast are re-implemented above with the same arithmetic (checked bit for bit in tests).
+    """
     if op_name == "Brightness":
         return TF.adjust_brightness(x, brightness_factor=1.0 + value)
     if op_name == "Color":
         return TF.adjust_saturation(x, saturation_factor=1.0 + value)
     if op_name == "Contrast":
-        return TF.adjust_contrast(x, contrast_factor=1.0 + value)  # mean grey level per image
+        return TF.adjust_contrast(x, contrast_factor=1.0 + value)  # blend with each image's mean grey
     if op_name == "Sharpness":
-        return TF.adjust_sharpness(x, sharpness_factor=1.0 + value)
+        return adjust_sharpness(x, 1.0 + value)
     if op_name == "Posterize":
         return TF.posterize(x, bits=int(value))
     if op_name == "Solarize":
         return TF.solarize(x, threshold=255.0 * value)
     if op_name == "AutoContrast":
-        return TF.autocontrast(x)  # per (image, channel) min/max
+        return autocontrast(x)
     if op_name == "Equalize":
-        return TF.equalize(x)  # per (image, channel) histogram, cumsum LUT, gather
+        return TF.equalize(x)  # per (image, channel) histogram (scatter_add), cumsum LUT, gather
     raise ValueError(f"{op_name!r} is not a colour op")
 
 
@@ -208,27 +269,25 @@ def apply_op(x, op_name, magnitude, negate=None):
     """Apply one RandAugment op to every image of a batch, with a per-image sign.
 
     x: uint8 (B, C, H, W). magnitude: the op's value as torchvision's RandAugment passes it to the
-    op (see ``op_magnitude``; may already be negative). negate: optional bool (B,) — images where it
-    is True get ``-magnitude`` instead (ignored by ops without a magnitude). Returns uint8
-    (B, C, H, W), image b equal to torchvision's op on x[b] with its signed magnitude.
+    op (see ``op_magnitude``; may already be negative). negate: optional bool (B,) on x's device:
+    images where it is True get ``-magnitude`` instead (ignored by ops without a magnitude).
+    Returns uint8 (B, C, H, W), image b equal to torchvision's op on x[b] with its signed magnitude.
     """
     _check_uint8_batch(x)
     if op_name == "Identity":
         return x
+    if negate is not None:
+        negate = negate.to(device=x.device, dtype=torch.bool)
     if op_name in GEOMETRIC_OPS:
-        h, w = x.shape[-2:]
-        thetas = torch.tensor([_geometric_matrix(op_name, magnitude, h, w),
-                               _geometric_matrix(op_name, -magnitude, h, w)],
-                              dtype=torch.float32).view(2, 2, 3).to(x.device)
-        pick = (torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if negate is None
-                else negate.to(device=x.device, dtype=torch.long))
-        return affine_nearest(x, thetas[pick])
+        thetas = _op_thetas(op_name, float(magnitude), x.shape[-2], x.shape[-1], x.device)
+        if negate is None:
+            return affine_nearest(x, thetas[0].expand(x.shape[0], 2, 3))
+        return affine_nearest(x, thetas[negate.long()])
     out = _colour_op(x, op_name, magnitude)
     if negate is not None and op_name in SIGNED_OPS:
         # The sign only takes two values, so run the op with each and pick per image: exact, and
-        # no per-image parameters needed inside torchvision's kernels.
-        out = torch.where(negate.to(x.device)[:, None, None, None],
-                          _colour_op(x, op_name, -magnitude), out)
+        # no per-image parameters needed inside the kernels.
+        out = torch.where(negate[:, None, None, None], _colour_op(x, op_name, -magnitude), out)
     return out
 
 
@@ -319,14 +378,18 @@ def _slot_subset(x, op, negate, tables):
 # Normalisation and the training pipeline
 # ----------------------------------------------------------------------------------------------
 
-def normalize(x_uint8, mean, std):
-    """(x / 255 - mean) / std per channel. x_uint8: (B, C, H, W); mean, std: length-C sequences.
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean, std, device):
+    """mean, std tuples -> float32 (1, C, 1, 1) tensors on device, cached (no per-batch host copy)."""
+    as_t = lambda v: torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+    return as_t(mean), as_t(std)
 
-    Returns float32 (B, C, H, W) on x's device.
-    """
-    dev = x_uint8.device
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+
+def normalize(x_uint8, mean, std):
+    """(x / 255 - mean) / std per channel. x_uint8: (B, C, H, W); mean, std: length-C sequences of
+    numbers. Returns float32 (B, C, H, W) on x's device."""
+    mean_t, std_t = _channel_stats(tuple(float(m) for m in mean), tuple(float(s) for s in std),
+                                   x_uint8.device)
     return (x_uint8.float() / 255.0 - mean_t) / std_t
 
 
@@ -335,11 +398,14 @@ class TrainAugment:
 
     ``aug(x)``: x uint8 (B, C, H, W) -> float32 (B, C, H, W): random_crop(padding) -> random_hflip
     -> rand_augment(num_ops, magnitude) if use_randaugment -> normalize(mean, std).
+    ``use_crop=False`` / ``use_flip=False`` drop the crop / the flip (e.g. for deterministic tests).
     """
 
     def __init__(self, use_randaugment, padding=4, num_ops=2, magnitude=9, mean=CIFAR10_MEAN,
-                 std=CIFAR10_STD, num_magnitude_bins=31):
+                 std=CIFAR10_STD, num_magnitude_bins=31, use_crop=True, use_flip=True):
         self.use_randaugment = bool(use_randaugment)
+        self.use_crop = bool(use_crop)
+        self.use_flip = bool(use_flip)
         self.padding = padding
         self.num_ops = num_ops
         self.magnitude = magnitude
@@ -348,13 +414,17 @@ class TrainAugment:
         self.std = tuple(float(s) for s in std)
 
     def __call__(self, x_uint8, generator=None):
-        x = random_crop(x_uint8, self.padding, generator=generator)
-        x = random_hflip(x, generator=generator)
+        x = x_uint8
+        if self.use_crop:
+            x = random_crop(x, self.padding, generator=generator)
+        if self.use_flip:
+            x = random_hflip(x, generator=generator)
         if self.use_randaugment:
             x = rand_augment(x, self.num_ops, self.magnitude, self.num_magnitude_bins,
                              generator=generator)
         return normalize(x, self.mean, self.std)
 
     def __repr__(self):
-        return (f"TrainAugment(use_randaugment={self.use_randaugment}, padding={self.padding}, "
-                f"num_ops={self.num_ops}, magnitude={self.magnitude}, mean={self.mean}, std={self.std})")
+        return (f"TrainAugment(use_randaugment={self.use_randaugment}, use_crop={self.use_crop}, "
+                f"use_flip={self.use_flip}, padding={self.padding}, num_ops={self.num_ops}, "
+                f"magnitude={self.magnitude}, mean={self.mean}, std={self.std})")

@@ -40,6 +40,8 @@ def build_parser():
     g.add_argument("--weight_decay", type=float, default=0.05)
     g.add_argument("--warmup_epochs", type=float, default=20)
     _switch(g, "use_randaugment", "RandAugment(2, 9)")
+    _switch(g, "use_crop", "random crop with 4 pixels of zero padding")
+    _switch(g, "use_flip", "random horizontal flip")
     _switch(g, "use_mixup", "Mixup")
     _switch(g, "use_cutmix", "CutMix")
     g.add_argument("--mixup_alpha", type=float, default=0.8)
@@ -66,6 +68,7 @@ def build_parser():
     t.add_argument("--precision", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
     t.add_argument("--max_bad_steps", type=int, default=20,
                    help="stop after this many consecutive steps with a non-finite loss")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model for training (CUDA)")
     t.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
 
     d = p.add_argument_group("data")

@@ -103,6 +103,10 @@ class Run:
         self.cfg = cfg
         self.rank, self.world, local_rank = ddp.init_distributed("cuda" if self._wants_cuda() else "cpu")
         self.device = resolve_device(cfg, local_rank)
+        try:  # a --scan backend this machine cannot run is bad input (one line, exit 2), not a crash
+            resolve_scan(cfg.scan, self.device)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         self.is_main = self.rank == 0
         self.stop = StopFlag()
 
@@ -163,11 +167,13 @@ class Run:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
 
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
         mean, std = MEAN_STD[cfg.dataset]
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.step = TrainStep(self.model, self.optimizer, num_classes=cfg.num_classes, mean=mean, std=std,
-                              use_randaugment=cfg.use_randaugment,
+                              use_randaugment=cfg.use_randaugment, use_crop=cfg.use_crop, use_flip=cfg.use_flip,
                               mixup_alpha=cfg.mixup_alpha if cfg.use_mixup else 0.0,
                               cutmix_alpha=cfg.cutmix_alpha if cfg.use_cutmix else 0.0,
                               label_smoothing=cfg.label_smoothing, amp=self.amp, clip_grad=cfg.clip_grad,

@@ -14,13 +14,15 @@ from training.augment import TrainAugment
 
 
 class TrainStep:
-    def __init__(self, model, optimizer, *, num_classes, mean, std, use_randaugment=True, mixup_alpha=0.8,
+    def __init__(self, model, optimizer, *, num_classes, mean, std, use_randaugment=True, use_crop=True,
+                 use_flip=True, mixup_alpha=0.8,
                  cutmix_alpha=1.0, label_smoothing=0.1, amp=False, clip_grad=0.0, train_model=None):
         self.model = model                              # the module whose parameters the optimizer holds
-        self.train_model = train_model or model         # what runs forward: the model, compiled or DDP-wrapped
+        self.train_model = model if train_model is None else train_model        # what runs forward: the model, compiled or DDP-wrapped
         self.optimizer, self.amp, self.clip_grad = optimizer, amp, clip_grad
         self.device_type = next(model.parameters()).device.type
-        self.augment = TrainAugment(use_randaugment=use_randaugment, mean=mean, std=std)
+        self.augment = TrainAugment(use_randaugment=use_randaugment, use_crop=use_crop, use_flip=use_flip,
+                                    mean=mean, std=std)
         self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing,
                            num_classes=num_classes) if (mixup_alpha > 0 or cutmix_alpha > 0) else None
         self.criterion = SoftTargetCrossEntropy() if self.mixup else \

@@ -1,0 +1,62 @@
+"""DDP on the CPU: 2 gloo processes under torchrun train one run; compared with 1 process at the same global batch."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, make_cifar, tiny_args
+
+# Every random choice off, so that the two runs see the same images and the same computation.
+DETERMINISTIC = ["--no_use_randaugment", "--no_use_mixup", "--no_use_cutmix", "--no_use_crop", "--no_use_flip",
+                 "--drop_path", "0", "--epochs", "2", "--warmup_epochs", "1"]
+
+RUNNER = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, {root!r})
+    from training.config import parse_config
+    from training.engine import Run
+    cfg = parse_config(sys.argv[1:])
+    os.makedirs(cfg.save_dir, exist_ok=True)
+    run = Run(cfg)
+    run.setup()
+    run.fit()
+    torch.save(run.model.state_dict(), os.path.join({out!r}, f"rank{{run.rank}}_of_{{run.world}}.pt"))
+    print("LOG", run.log.log_path if run.is_main else "")
+""")
+
+
+def run_procs(tmp_path, nproc, args):
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER.format(root=ROOT, out=str(tmp_path)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(29500 + os.getpid() % 1000 + nproc), str(script), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path):
+    data = make_cifar(str(tmp_path / "data"), n_train=64, n_test=16)
+    args = tiny_args(tmp_path, data, *DETERMINISTIC)
+    ddp_args = [a if a != "8" or args[i - 1] != "--batch_size" else "4" for i, a in enumerate(args)]
+    out = run_procs(tmp_path, 2, ddp_args)  # 2 ranks x batch 4
+    r0 = torch.load(tmp_path / "rank0_of_2.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1_of_2.pt", weights_only=True)
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"ranks differ in {k}"
+    log_path = [line.split()[1] for line in out.splitlines() if line.startswith("LOG ") and len(line.split()) > 1][0]
+    log = open(log_path).read()
+    assert "global batch 8 = 4 x 1 accum x 2 process(es)" in log and "cpu x2" in log
+
+    single = tmp_path / "single"
+    single.mkdir()
+    run_procs(single, 1, tiny_args(single, data, *DETERMINISTIC))  # 1 process x batch 8
+    s = torch.load(single / "rank0_of_1.pt", weights_only=True)
+    # Same images, same averaged gradient; only the order of floating-point sums differs.
+    for k in s:
+        torch.testing.assert_close(r0[k], s[k], rtol=1e-4, atol=1e-5, msg=f"DDP and 1-process differ in {k}")

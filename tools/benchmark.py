@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Training-step throughput and memory: Vision Mamba variants against a compiled timm ViT of the same shape.
+
+Each row times the real training step (on-device augmentation with RandAugment, Mixup/CutMix, forward,
+backward, fused AdamW; bf16 autocast on CUDA) on synthetic uint8 images, with CUDA events around the timed
+steps only. Prints a table and writes JSON.
+
+    python tools/benchmark.py --archs mamba_tiny mamba_small --batch_sizes 128 1024 --json bench.json
+    python tools/benchmark.py --cpu_smoke        # a tiny CPU run, so that the tool cannot rot
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.bimamba import causal_conv1d_available  # noqa: E402
+from models.scan import SCAN_CHOICES, resolve_scan  # noqa: E402
+from models.vim import build_model, vim_config  # noqa: E402
+from training.data import MEAN_STD  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
+from training.step import TrainStep  # noqa: E402
+
+
+def build_vit(width, depth, patch_size, num_classes):
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(img_size=32, patch_size=patch_size, embed_dim=width, depth=depth,
+                             num_heads=max(1, width // 64), num_classes=num_classes, drop_path_rate=0.1)
+
+
+def time_steps(model, device, batch_size, steps, warmup, amp, compile_model, randaugment=True):
+    """-> (images/s, peak memory in GiB or None). Synthetic uint8 CIFAR-shaped data already on the device."""
+    opt = build_optimizer(model, 1e-3, 0.05, device)
+    mean, std = MEAN_STD["cifar10"]
+    train_model = torch.compile(model) if compile_model else model
+    step = TrainStep(model, opt, num_classes=10, mean=mean, std=std, use_randaugment=randaugment, amp=amp,
+                     train_model=train_model)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    data = [(torch.randint(0, 256, (batch_size, 3, 32, 32), generator=g, dtype=torch.uint8).to(device),
+             torch.randint(0, 10, (batch_size,), generator=g).to(device)) for _ in range(4)]
+    for i in range(warmup):
+        step([data[i % 4]], 1e-3)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step([data[i % 4]], 1e-3)
+    if cuda:
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1000
+    else:
+        seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return batch_size * steps / seconds, peak
+
+
+def run_row(kind, arch, width, depth, patch, batch, args, device):
+    torch.manual_seed(0)
+    amp = device.type == "cuda"
+    row = dict(model=kind, arch=arch, width=width, depth=depth, patch_size=patch, tokens=(32 // patch) ** 2 + 1,
+               batch_size=batch)
+    try:
+        if kind == "vit":
+            model = build_vit(width, depth, patch, 10).to(device)
+            row.update(scan=None, compiled=True)
+            ips, peak = time_steps(model, device, batch, args.steps, args.warmup, amp, compile_model=True)
+        else:
+            model = build_model(arch, 10, embed_dim=width, depth=depth, patch_size=patch).to(device)
+            scan = resolve_scan(args.scan, device)
+            conv = device.type == "cuda" and scan != "ref" and causal_conv1d_available()
+            model.set_kernels(scan, conv)
+            row.update(scan=scan, causal_conv1d=conv, compiled=args.compile)
+            ips, peak = time_steps(model, device, batch, args.steps, args.warmup, amp, compile_model=args.compile)
+        row.update(images_per_s=round(ips, 1), peak_mem_gib=None if peak is None else round(peak, 2))
+    except torch.cuda.OutOfMemoryError:
+        row.update(images_per_s=None, peak_mem_gib="OOM")
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", nargs="+", default=["mamba_tiny", "mamba_small"])
+    p.add_argument("--batch_sizes", nargs="+", type=int, default=[128, 1024])
+    p.add_argument("--patch_sizes", nargs="+", type=int, default=[4])
+    p.add_argument("--depth", type=int, default=None, help="override the variants' depth")
+    p.add_argument("--scan", default="auto", choices=SCAN_CHOICES)
+    p.add_argument("--compile", action="store_true", help="torch.compile the Vision Mamba too")
+    p.add_argument("--no_vit", action="store_true", help="skip the ViT comparison")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--cpu_smoke", action="store_true", help="tiny shapes on the CPU (CI)")
+    args = p.parse_args(argv)
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+        shapes = [("mamba_tiny", 16, 2)]
+        args.batch_sizes, args.patch_sizes, args.steps, args.warmup, args.no_vit = [8], [8], 2, 1, True
+        args.scan = "ref"
+    else:
+        if not torch.cuda.is_available():
+            print("benchmark.py: error: no CUDA GPU; use --cpu_smoke for the CPU check", file=sys.stderr)
+            return 2
+        device = torch.device("cuda")
+        shapes = [(a, vim_config(a).embed_dim, args.depth or vim_config(a).depth) for a in args.archs]
+    rows = []
+    header = f"{'model':<6} {'arch':<12} {'width':>5} {'depth':>5} {'tokens':>6} {'batch':>5} {'scan':<7} " \
+             f"{'img/s':>9} {'peak GiB':>8} {'vs ViT':>6}"
+    print(header)
+    for arch, width, depth in shapes:
+        for patch in args.patch_sizes:
+            for batch in args.batch_sizes:
+                vim = run_row("vim", arch, width, depth, patch, batch, args, device)
+                vit = None if args.no_vit else run_row("vit", arch, width, depth, patch, batch, args, device)
+                if vit and vim["images_per_s"] and vit["images_per_s"]:
+                    vim["ratio_to_vit"] = round(vim["images_per_s"] / vit["images_per_s"], 3)
+                for r in (vim, vit):
+                    if r is None:
+                        continue
+                    rows.append(r)
+                    ips = f"{r['images_per_s']:,.0f}" if r["images_per_s"] else "-"
+                    mem = r["peak_mem_gib"] if r["peak_mem_gib"] is not None else "-"
+                    ratio = f"{r['ratio_to_vit']:.2f}" if "ratio_to_vit" in r else ""
+                    print(f"{r['model']:<6} {arch:<12} {width:>5} {depth:>5} {r['tokens']:>6} {batch:>5} "
+                          f"{str(r.get('scan') or 'attn'):<7} {ips:>9} {str(mem):>8} {ratio:>6}", flush=True)
+    meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+                steps=args.steps, warmup=args.warmup, compile_vim=args.compile)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""Where one training step's GPU time goes: torch.profiler over a few steps, the top kernels printed.
+
+    python tools/profile_step.py --arch mamba_small --batch_size 1024 --scan auto
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.bimamba import causal_conv1d_available  # noqa: E402
+from models.scan import SCAN_CHOICES, resolve_scan  # noqa: E402
+from models.vim import build_model  # noqa: E402
+from training.data import MEAN_STD  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
+from training.step import TrainStep  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="mamba_small")
+    p.add_argument("--batch_size", type=int, default=1024)
+    p.add_argument("--patch_size", type=int, default=4)
+    p.add_argument("--scan", default="auto", choices=SCAN_CHOICES)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--rows", type=int, default=30)
+    args = p.parse_args(argv)
+    device = torch.device("cuda")
+    model = build_model(args.arch, 10, patch_size=args.patch_size).to(device)
+    scan = resolve_scan(args.scan, device)
+    model.set_kernels(scan, scan != "ref" and causal_conv1d_available())
+    opt = build_optimizer(model, 1e-3, 0.05, device)
+    mean, std = MEAN_STD["cifar10"]
+    step = TrainStep(model, opt, num_classes=10, mean=mean, std=std, amp=True,
+                     train_model=torch.compile(model) if args.compile else model)
+    x = torch.randint(0, 256, (args.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    for _ in range(5):
+        step([(x, y)], 1e-3)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                            torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step([(x, y)], 1e-3)
+        torch.cuda.synchronize()
+    print(f"{args.arch} batch {args.batch_size} scan {scan} compile {args.compile}: 3 steps")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
