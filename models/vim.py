@@ -81,7 +81,7 @@ class VisionMamba(nn.Module):
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.embed_dim))
-        rates = [r.item() for r in torch.linspace(0, cfg.drop_path, cfg.depth)]
+        rates = [r.item() for r in torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu")]
         self.layers = nn.ModuleList(Block(cfg, r) for r in rates)
         self.drop_path_f = DropPath(rates[-1]) if rates[-1] > 0 else nn.Identity()
         self.norm_f = nn.RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)

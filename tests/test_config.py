@@ -1,0 +1,212 @@
+"""training/config.py: every flag, its default, its checks; and how the command line reports bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train_mamba_baseline
+from conftest import ROOT
+from training.config import UsageError, build_parser, parse_config
+
+SPEC_DEFAULTS = dict(
+    dataset="cifar10", arch="mamba_small", epochs=300, batch_size=128, lr=1e-3, weight_decay=0.05,
+    warmup_epochs=20, use_randaugment=True, use_mixup=True, use_cutmix=True, mixup_alpha=0.8, cutmix_alpha=1.0,
+    label_smoothing=0.1, gpu=0, save_freq=50, log_dir="./logs_mamba_baseline", data_dir="./datasets/cifar10",
+    save_dir="./checkpoint/mamba_baseline/cifar10", num_classes=10,
+    # the rest of the flags
+    embed_dim=None, depth=None, patch_size=4, drop_path=0.1, scan="auto", accum_steps=1, clip_grad=0.0,
+    min_lr=1e-5, warmup_lr=1e-6, eval_batch_size=1024, seed=0, device="auto", precision="auto", max_bad_steps=20,
+    deterministic=False, compile=False, use_crop=True, use_flip=True, num_workers=0, train_subset=0,
+    test_subset=0, resume=None, save_every_minutes=0.0, no_progress=False,
+)
+
+
+def test_defaults():
+    cfg = parse_config([])
+    for key, value in SPEC_DEFAULTS.items():
+        assert getattr(cfg, key) == value, key
+    assert cfg.run_id  # a timestamp unless given
+
+
+def test_dataset_picks_default_folders():
+    cfg = parse_config(["--dataset", "cifar100"])
+    assert cfg.num_classes == 100
+    assert cfg.data_dir == "./datasets/cifar100"
+    assert cfg.save_dir == "./checkpoint/mamba_baseline/cifar100"
+    cfg = parse_config(["--dataset", "cifar100", "--data_dir", "/d", "--save_dir", "/s"])
+    assert (cfg.data_dir, cfg.save_dir) == ("/d", "/s")
+
+
+# flag -> (value on the command line, the parsed value); every value differs from the default
+EVERY_FLAG = {
+    "--dataset": ("cifar100", "cifar100"), "--arch": ("mamba_base", "mamba_base"), "--epochs": ("7", 7),
+    "--batch_size": ("32", 32), "--lr": ("0.002", 0.002), "--weight_decay": ("0.1", 0.1),
+    "--warmup_epochs": ("2.5", 2.5), "--mixup_alpha": ("0.3", 0.3), "--cutmix_alpha": ("0.4", 0.4),
+    "--label_smoothing": ("0.2", 0.2), "--gpu": ("3", 3), "--save_dir": ("/tmp/s", "/tmp/s"),
+    "--embed_dim": ("48", 48), "--depth": ("6", 6), "--patch_size": ("8", 8), "--drop_path": ("0.3", 0.3),
+    "--scan": ("ref", "ref"), "--accum_steps": ("4", 4), "--clip_grad": ("1.5", 1.5), "--min_lr": ("2e-6", 2e-6),
+    "--warmup_lr": ("3e-7", 3e-7), "--eval_batch_size": ("99", 99), "--seed": ("42", 42),
+    "--device": ("cpu", "cpu"), "--precision": ("bf16", "bf16"), "--max_bad_steps": ("5", 5),
+    "--data_dir": ("/tmp/d", "/tmp/d"), "--num_workers": ("2", 2), "--train_subset": ("100", 100),
+    "--test_subset": ("50", 50), "--resume": ("auto", "auto"), "--save_freq": ("10", 10),
+    "--save_every_minutes": ("1.5", 1.5), "--log_dir": ("/tmp/l", "/tmp/l"), "--run_id": ("abc", "abc"),
+}
+SWITCHES = ("use_randaugment", "use_mixup", "use_cutmix", "use_crop", "use_flip")  # on by default
+SWITCHES_OFF = {f"--no_{s}": s for s in SWITCHES}
+SWITCHES_ON = {f"--{s}": s for s in SWITCHES}
+FLAGS_ON = {"--deterministic": "deterministic", "--no_progress": "no_progress", "--compile": "compile"}
+
+
+def test_every_flag_parses_to_its_field():
+    argv = [x for flag, (text, _) in EVERY_FLAG.items() for x in (flag, text)] + list(FLAGS_ON)
+    cfg = parse_config(argv)
+    for flag, (_, value) in EVERY_FLAG.items():
+        assert getattr(cfg, flag[2:]) == value, flag
+        assert value != SPEC_DEFAULTS.get(flag[2:]), f"{flag}: the test value must differ from the default"
+    for flag, field in FLAGS_ON.items():
+        assert getattr(cfg, field) is True, flag
+    assert cfg.num_classes == 100
+    assert cfg.command == "train_mamba_baseline.py " + " ".join(argv)
+
+
+def test_the_parser_has_no_untested_flag():
+    known = set(EVERY_FLAG) | set(SWITCHES_OFF) | set(FLAGS_ON) | set(SWITCHES_ON) | {"-h", "--help"}
+    flags = {s for a in build_parser()._actions for s in a.option_strings}
+    assert flags == known, f"flags without a test: {flags - known}; tested but gone: {known - flags}"
+
+
+@pytest.mark.parametrize("flag,field", list(SWITCHES_OFF.items()))
+def test_each_no_use_switch_turns_only_its_switch_off(flag, field):
+    cfg = parse_config([flag])
+    assert getattr(cfg, field) is False
+    for other in SWITCHES_OFF.values():
+        if other != field:
+            assert getattr(cfg, other) is True
+    # the positive spelling is accepted and the last one wins
+    assert getattr(parse_config([flag, "--" + field]), field) is True
+    assert getattr(parse_config(["--" + field, flag]), field) is False
+
+
+def test_odd_batch_allowed_without_mixing():
+    assert parse_config(["--batch_size", "7", "--no_use_mixup", "--no_use_cutmix"]).batch_size == 7
+    assert parse_config(["--batch_size", "7", "--mixup_alpha", "0", "--no_use_cutmix"]).batch_size == 7
+    assert parse_config(["--batch_size", "7", "--mixup_alpha", "0", "--cutmix_alpha", "0"]).batch_size == 7
+
+
+def test_edge_values_accepted():
+    cfg = parse_config(["--warmup_epochs", "0", "--epochs", "1", "--label_smoothing", "0", "--weight_decay", "0",
+                        "--drop_path", "0", "--patch_size", "32", "--min_lr", "0", "--warmup_lr", "0"])
+    assert (cfg.warmup_epochs, cfg.epochs, cfg.patch_size) == (0, 1, 32)
+    for p in (1, 2, 4, 8, 16, 32):
+        assert parse_config(["--patch_size", str(p)]).patch_size == p
+    assert parse_config(["--warmup_epochs", "4.5", "--epochs", "5"]).warmup_epochs == 4.5
+
+
+BAD = {
+    "unknown dataset": ["--dataset", "imagenet"],
+    "unknown arch": ["--arch", "resnet50"],
+    "zero epochs": ["--epochs", "0"],
+    "negative epochs": ["--epochs", "-3"],
+    "zero batch": ["--batch_size", "0"],
+    "negative batch": ["--batch_size", "-8"],
+    "zero lr": ["--lr", "0"],
+    "negative lr": ["--lr", "-0.1"],
+    "zero accum": ["--accum_steps", "0"],
+    "negative accum": ["--accum_steps", "-2"],
+    "warmup == epochs": ["--epochs", "20", "--warmup_epochs", "20"],
+    "warmup > epochs": ["--epochs", "5", "--warmup_epochs", "10"],
+    "warmup default vs few epochs": ["--epochs", "10"],
+    "negative warmup": ["--warmup_epochs", "-1"],
+    "odd batch with mixup": ["--batch_size", "7"],
+    "odd batch with cutmix only": ["--batch_size", "7", "--no_use_mixup"],
+    "odd batch with mixup only": ["--batch_size", "7", "--no_use_cutmix"],
+    "patch 3": ["--patch_size", "3"],
+    "patch 0": ["--patch_size", "0"],
+    "patch 64": ["--patch_size", "64"],
+    "patch -4": ["--patch_size", "-4"],
+    "bad scan": ["--scan", "fast"],
+    "bad device": ["--device", "tpu"],
+    "bad precision": ["--precision", "fp16"],
+    "unknown flag": ["--learning_rate", "0.1"],
+    "positional": ["cifar10"],
+    "not an int": ["--epochs", "ten"],
+    "not a float": ["--lr", "fast"],
+    "missing value": ["--epochs"],
+    "zero eval batch": ["--eval_batch_size", "0"],
+    "zero save_freq": ["--save_freq", "0"],
+    "zero max_bad_steps": ["--max_bad_steps", "0"],
+    "zero embed_dim": ["--embed_dim", "0"],
+    "zero depth": ["--depth", "0"],
+    "negative weight decay": ["--weight_decay", "-0.1"],
+    "label smoothing 1": ["--label_smoothing", "1"],
+    "negative mixup alpha": ["--mixup_alpha", "-1"],
+    "drop path 1": ["--drop_path", "1"],
+    "negative clip": ["--clip_grad", "-1"],
+    "negative min_lr": ["--min_lr", "-1e-5"],
+    "negative subset": ["--train_subset", "-1"],
+    "negative gpu": ["--gpu", "-1"],
+    "negative workers": ["--num_workers", "-1"],
+    "negative save minutes": ["--save_every_minutes", "-1"],
+}
+
+
+@pytest.mark.parametrize("argv", list(BAD.values()), ids=list(BAD))
+def test_bad_input_raises_usage_error(argv):
+    with pytest.raises(UsageError) as e:
+        parse_config(argv)
+    msg = str(e.value)
+    assert msg and "\n" not in msg
+
+
+def test_error_messages_name_the_problem():
+    cases = {("--dataset", "imagenet"): "imagenet", ("--arch", "resnet50"): "resnet50", ("--epochs", "0"): "--epochs",
+             ("--batch_size", "7"): "--batch_size", ("--learning_rate", "1"): "--learning_rate",
+             ("--patch_size", "3"): "--patch_size", ("--scan", "fast"): "--scan"}
+    for argv, needle in cases.items():
+        with pytest.raises(UsageError, match=needle):
+            parse_config(list(argv))
+
+
+def test_main_reports_usage_error_in_one_line(capsys, tmp_path):
+    save, logs = tmp_path / "ckpt", tmp_path / "logs"
+    rc = train_mamba_baseline.main(["--epochs", "0", "--save_dir", str(save), "--log_dir", str(logs)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("train_mamba_baseline.py: error: --epochs")
+    assert not save.exists() and not logs.exists()
+
+
+# ---- the real command line: one line on stderr, exit code 2, no traceback, nothing written ----------------
+
+CLI_BAD = {  # one per kind of check: the parser, the validation, the run's own setup (+ "defaults" below)
+    "unknown flag": ["--bogus"],
+    "warmup >= epochs": ["--epochs", "3"],
+    "scan backend the CPU cannot run": ["--device", "cpu", "--scan", "cuda", "--batch_size", "8"],
+}
+
+
+def test_cli_bad_input(tmp_path):
+    script = os.path.join(ROOT, "train_mamba_baseline.py")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for name, argv in CLI_BAD.items():  # all at once: each process mostly waits on importing torch
+        work = tmp_path / name.replace(" ", "_").replace(">=", "ge")
+        work.mkdir()
+        args = [sys.executable, script, *argv, "--data_dir", str(work / "data"), "--save_dir", str(work / "ckpt"),
+                "--log_dir", str(work / "logs")]
+        procs[name] = (work, subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, text=True))
+    # defaults for the folders: nothing may appear in the working directory either
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    procs["defaults"] = (bare, subprocess.Popen([sys.executable, script, "--lr", "-1"], cwd=bare, env=env,
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for name, (work, proc) in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{err}"
+        lines = err.splitlines()
+        assert len(lines) == 1, f"{name}: {err!r}"
+        assert lines[0].startswith("train_mamba_baseline.py: error: "), name
+        assert "Traceback" not in err + out, name
+        assert sorted(os.listdir(work)) == [], f"{name} wrote {os.listdir(work)}"
