@@ -7,6 +7,7 @@
 #   RESUME=true ./run_mamba_baseline.sh                  # continue from the last checkpoints
 #   ALLOW_CPU=true ./run_mamba_baseline.sh               # no GPU: run on the CPU (slow)
 #   EXTRA_ARGS="--num_workers 8" ./run_mamba_baseline.sh # appended to every command
+#   NPROC=2 RUN_CIFAR100=false ./run_mamba_baseline.sh   # one CIFAR-10 run over GPUs 0,1 (torchrun, DDP)
 #
 # The script returns at once; the runs go on under nohup. Each run writes
 #   $LOG_DIR/<arch>_<dataset>_baseline_<timestamp>.log    (the trainer's log)
@@ -33,6 +34,7 @@ PYTHON="${PYTHON:-python3}"
 ALLOW_CPU="${ALLOW_CPU:-false}"             # true -> run on the CPU when no GPU is found
 EXTRA_ARGS="${EXTRA_ARGS:-}"                # appended verbatim (word-split) to each command
 RESUME="${RESUME:-false}"                   # true -> --resume auto
+NPROC="${NPROC:-1}"                         # GPUs per run: >1 runs each data set over NPROC GPUs with torchrun
 
 # The guide's training recipe.
 LR=1e-3
@@ -63,6 +65,7 @@ done
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 is_uint "$EPOCHS" && [ "$EPOCHS" -gt 0 ] || die 2 "EPOCHS must be a positive integer, got '$EPOCHS'"
 is_uint "$BATCH_SIZE" && [ "$BATCH_SIZE" -gt 0 ] || die 2 "BATCH_SIZE must be a positive integer, got '$BATCH_SIZE'"
+is_uint "$NPROC" && [ "$NPROC" -gt 0 ] || die 2 "NPROC must be a positive integer, got '$NPROC'"
 
 DATASETS=()
 [ "$RUN_CIFAR10" = true ] && DATASETS+=(cifar10)
@@ -98,6 +101,10 @@ if [ "$NUM_GPUS" -eq 0 ]; then
         echo "$SELF: no GPU found (nvidia-smi missing or lists no GPU); set ALLOW_CPU=true to run on the CPU" >&2
         exit 1
     fi
+elif [ "$NPROC" -gt 1 ]; then
+    # Data set i takes GPUs i*NPROC .. i*NPROC+NPROC-1; GPU_CIFAR10/GPU_CIFAR100 are not used.
+    need=$((NPROC * ${#DATASETS[@]}))
+    [ "$need" -le "$NUM_GPUS" ] || die 2 "NPROC=$NPROC for ${#DATASETS[@]} run(s) needs $need GPUs, but only $NUM_GPUS found; nothing started"
 else
     if [ "$NUM_GPUS" -eq 1 ] && [ "${#DATASETS[@]}" -eq 2 ] \
             && [ "$GPU_CIFAR10" = 0 ] && [ "$GPU_CIFAR100" = 1 ]; then
@@ -131,11 +138,22 @@ for ds in "${DATASETS[@]}"; do
     fi
     stem="$LOG_DIR/${arch}_${ds}_baseline_${TS}"
 
-    cmd=("$PYTHON" "$TRAIN_SCRIPT"
-         --dataset "$ds" --arch "$arch" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE")
+    if [ "$NPROC" -gt 1 ]; then
+        # One run over NPROC processes (DDP): torchrun picks a free port with --standalone.
+        first=$(( ${#PIDS[@]} * NPROC ))
+        gpus="$(seq -s, "$first" $((first + NPROC - 1)))"
+        cmd=(env "CUDA_VISIBLE_DEVICES=$gpus" "$PYTHON" -m torch.distributed.run --standalone
+             --nproc_per_node "$NPROC" "$TRAIN_SCRIPT")
+    else
+        cmd=("$PYTHON" "$TRAIN_SCRIPT")
+    fi
+    cmd+=(--dataset "$ds" --arch "$arch" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE")
     if [ "$USE_CPU" = true ]; then
         cmd+=(--device cpu)
         where=cpu
+        [ "$NPROC" -gt 1 ] && where="cpu x$NPROC processes"
+    elif [ "$NPROC" -gt 1 ]; then
+        where="GPUs $gpus (torchrun, $NPROC processes)"
     else
         cmd+=(--gpu "$gpu")
         where="GPU $gpu"

@@ -82,7 +82,7 @@ class Launcher:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("RUN_", "ARCH_", "GPU_", "FAKE_")) and k not in (
                    "EPOCHS", "BATCH_SIZE", "LOG_DIR", "CKPT_DIR", "DATA_ROOT", "PYTHON", "ALLOW_CPU",
-                   "EXTRA_ARGS", "RESUME")}
+                   "EXTRA_ARGS", "RESUME", "NPROC")}
         base_path = _path_without_nvidia_smi()
         env.update(
             PATH=(str(self.bin) + os.pathsep + base_path) if nvidia_smi else base_path,
@@ -361,3 +361,24 @@ def test_missing_python_exits_2(launcher):
     assert proc.returncode == 2
     assert "PYTHON" in proc.stderr
     assert launcher.started() == []
+
+
+def test_nproc_runs_each_dataset_over_its_own_gpus_with_torchrun(launcher):
+    proc = launcher.run(gpus=4, NPROC=2)
+    assert proc.returncode == 0, proc.stderr
+    for ds, gpus in (("cifar10", "0,1"), ("cifar100", "2,3")):
+        argv = launcher.argv(ds)
+        assert argv[:4] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node"] and argv[4] == "2"
+        assert "--gpu" not in argv
+        assert f"GPUs {gpus}" in proc.runs[ds]["device"]
+
+
+def test_nproc_needing_more_gpus_than_present_starts_nothing(launcher):
+    proc = launcher.run(gpus=2, NPROC=2)
+    assert proc.returncode == 2 and "needs 4 GPUs" in proc.stderr
+    assert proc.runs == {} and not list(launcher.argv_dir.iterdir())
+
+
+def test_nproc_must_be_a_positive_integer(launcher):
+    proc = launcher.run(gpus=2, NPROC="two")
+    assert proc.returncode == 2 and "NPROC" in proc.stderr
