@@ -11,11 +11,12 @@ def main(argv=None):
     from training.checkpoint import CheckpointError
     from training.config import UsageError, parse_config
     from training.data import DataError
+    from models.pretrained import PretrainedError
     try:
         cfg = parse_config(argv)
         from training.engine import train
         return train(cfg)
-    except (UsageError, DataError, CheckpointError) as e:
+    except (UsageError, DataError, CheckpointError, PretrainedError) as e:
         print(f"train_mamba_baseline.py: error: {e}", file=sys.stderr)
         return 2
 

@@ -51,7 +51,10 @@ EVERY_FLAG = {
     "--data_dir": ("/tmp/d", "/tmp/d"), "--num_workers": ("2", 2), "--train_subset": ("100", 100),
     "--test_subset": ("50", 50), "--resume": ("auto", "auto"), "--save_freq": ("10", 10),
     "--save_every_minutes": ("1.5", 1.5), "--log_dir": ("/tmp/l", "/tmp/l"), "--run_id": ("abc", "abc"),
+    "--input_size": ("64", 64),
 }
+# --pretrained is parsed here; its effect (and its refusals) are tested in test_finetune_cli.py.
+PRETRAINED = {"--pretrained": ("/tmp/vim.pth", "/tmp/vim.pth")}
 SWITCHES = ("use_randaugment", "use_mixup", "use_cutmix", "use_crop", "use_flip")  # on by default
 SWITCHES_OFF = {f"--no_{s}": s for s in SWITCHES}
 SWITCHES_ON = {f"--{s}": s for s in SWITCHES}
@@ -71,7 +74,7 @@ def test_every_flag_parses_to_its_field():
 
 
 def test_the_parser_has_no_untested_flag():
-    known = set(EVERY_FLAG) | set(SWITCHES_OFF) | set(FLAGS_ON) | set(SWITCHES_ON) | {"-h", "--help"}
+    known = set(EVERY_FLAG) | set(PRETRAINED) | set(SWITCHES_OFF) | set(FLAGS_ON) | set(SWITCHES_ON) | {"-h", "--help"}
     flags = {s for a in build_parser()._actions for s in a.option_strings}
     assert flags == known, f"flags without a test: {flags - known}; tested but gone: {known - flags}"
 
@@ -210,3 +213,18 @@ def test_cli_bad_input(tmp_path):
         assert lines[0].startswith("train_mamba_baseline.py: error: "), name
         assert "Traceback" not in err + out, name
         assert sorted(os.listdir(work)) == [], f"{name} wrote {os.listdir(work)}"
+
+
+def test_pretrained_leaves_the_shape_to_the_checkpoint():
+    cfg = parse_config(["--pretrained", "/tmp/vim.pth"])
+    assert cfg.pretrained == "/tmp/vim.pth" and cfg.patch_size is None and cfg.input_size is None
+    assert parse_config(["--pretrained", "/tmp/vim.pth", "--input_size", "224"]).input_size == 224
+    for extra in (["--patch_size", "16"], ["--embed_dim", "192"], ["--depth", "24"], ["--input_size", "0"]):
+        with pytest.raises(UsageError):
+            parse_config(["--pretrained", "/tmp/vim.pth", *extra])
+
+
+def test_patch_size_must_divide_the_input_size():
+    assert parse_config(["--input_size", "64", "--patch_size", "16"]).patch_size == 16
+    with pytest.raises(UsageError):
+        parse_config(["--input_size", "48", "--patch_size", "32"])

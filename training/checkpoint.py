@@ -13,7 +13,7 @@ import torch
 
 FORMAT = "vim-cifar-checkpoint/1"
 # Settings that change what the weights mean: a checkpoint made with others cannot continue this run.
-MODEL_KEYS = ("arch", "dataset", "num_classes", "embed_dim", "depth", "patch_size")
+MODEL_KEYS = ("arch", "dataset", "num_classes", "embed_dim", "depth", "patch_size", "input_size")
 
 
 class CheckpointError(Exception):
@@ -61,6 +61,9 @@ def load_checkpoint(path):
             from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' format tag)")
+    broken = [k for k in ("model", "optimizer", "position", "rng", "config") if not isinstance(ckpt.get(k), dict)]
+    if broken:
+        raise CheckpointError(f"{path} is a damaged checkpoint (missing or malformed: {', '.join(broken)})")
     return ckpt
 
 
@@ -116,6 +119,15 @@ class RunLock:
         self.file.truncate()
         self.file.write(f"pid {os.getpid()}")
         self.file.flush()
+        # A run killed in the middle of save_checkpoint leaves its half-written "<name>.pth.tmp<pid>" behind;
+        # we hold the lock, so no live writer owns one: remove them (each is as large as a checkpoint).
+        save_dir = os.path.dirname(self.path)
+        for name in os.listdir(save_dir):
+            if ".pth.tmp" in name:
+                try:
+                    os.remove(os.path.join(save_dir, name))
+                except OSError:
+                    pass
         return self
 
     def __exit__(self, *exc):

@@ -53,7 +53,12 @@ def build_parser():
     m = p.add_argument_group("model")
     m.add_argument("--embed_dim", type=int, default=None, help="override the variant's width")
     m.add_argument("--depth", type=int, default=None, help="override the variant's depth")
-    m.add_argument("--patch_size", type=int, default=4, help="patch size at 32x32 (4: 64 patches + cls token)")
+    m.add_argument("--patch_size", type=int, default=None,
+                   help="patch size (default 4 at 32x32: 64 patches + cls token; with --pretrained: the checkpoint's)")
+    m.add_argument("--input_size", type=int, default=None,
+                   help="input resolution; CIFAR images are resized up to it on the device (default 32; with "
+                        "--pretrained: the checkpoint's, e.g. 224)")
+    m.add_argument("--pretrained", default=None, help="fine-tune from an official Vim checkpoint (.pth)")
     m.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate of the last block")
     m.add_argument("--scan", default="auto", help=f"selective-scan backend: {'|'.join(SCAN_CHOICES)}")
 
@@ -112,7 +117,15 @@ def parse_config(argv=None):
     _check(0 <= args.label_smoothing < 1, "--label_smoothing must be in [0, 1)")
     _check(args.mixup_alpha >= 0 and args.cutmix_alpha >= 0, "--mixup_alpha and --cutmix_alpha must be >= 0")
     _check(0 <= args.drop_path < 1, "--drop_path must be in [0, 1)")
-    _check(args.patch_size > 0 and 32 % args.patch_size == 0, "--patch_size must divide 32 (1, 2, 4, 8, 16, 32)")
+    if args.pretrained:
+        _check(args.embed_dim is None and args.depth is None and args.patch_size is None,
+               "--embed_dim, --depth and --patch_size come from the --pretrained checkpoint; leave them out")
+        _check(args.input_size is None or args.input_size > 0, "--input_size must be positive")
+    else:
+        args.input_size = 32 if args.input_size is None else args.input_size
+        args.patch_size = 4 if args.patch_size is None else args.patch_size
+        _check(args.input_size > 0 and args.patch_size > 0 and args.input_size % args.patch_size == 0,
+               f"--patch_size must divide --input_size ({args.input_size}), e.g. 1, 2, 4, 8, 16, 32 at 32")
     _check(args.clip_grad >= 0 and args.min_lr >= 0 and args.warmup_lr >= 0,
            "--clip_grad, --min_lr and --warmup_lr must be >= 0")
     _check(args.scan in SCAN_CHOICES, f"--scan must be one of {', '.join(SCAN_CHOICES)}")

@@ -18,6 +18,7 @@ MEAN_STD = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 LAYOUT = {
     "cifar10": dict(folder="cifar-10-batches-py", label_key="labels", num_classes=10,
                     train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],

@@ -16,15 +16,16 @@ import torch.nn.functional as F
 
 from models.bimamba import causal_conv1d_available
 from models.scan import resolve_scan
+from models.pretrained import load_pretrained, matching_variant, pretrained_model_config
 from models.vim import build_model
 from training import distributed as ddp
 from training.checkpoint import (CheckpointError, RunLock, check_compatible, checkpoint_paths, load_checkpoint,
                                  rng_state, save_checkpoint, set_rng_state)
 from training.config import UsageError
-from training.data import MEAN_STD, DeviceData, load_cifar
+from training.data import IMAGENET_MEAN_STD, MEAN_STD, DeviceData, load_cifar
 from training.logs import RunLog, log_paths, progress
 from training.optim import build_optimizer, lr_at
-from training.step import TrainStep
+from training.step import TrainStep, resize
 
 SYNC_EVERY = 25  # steps between host reads of the device-side counters
 
@@ -108,6 +109,7 @@ class Run:
         except ValueError as e:
             raise UsageError(str(e)) from None
         self.is_main = self.rank == 0
+        self.pretrained_shape, self.pretrained_info = {}, None
         self.stop = StopFlag()
 
     def _wants_cuda(self):
@@ -125,6 +127,8 @@ class Run:
         self.amp = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
         self.paths = checkpoint_paths(cfg.save_dir, cfg.arch, cfg.dataset)
 
+        if cfg.pretrained:
+            self._resolve_pretrained_shape()
         resume_path = find_resume(cfg) if cfg.resume else None
         self.ckpt = load_checkpoint(resume_path) if resume_path else None
         if self.ckpt:
@@ -152,16 +156,24 @@ class Run:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.arch, cfg.num_classes, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                                 patch_size=cfg.patch_size, drop_path=cfg.drop_path).to(device)
+                                 patch_size=cfg.patch_size, img_size=cfg.input_size, drop_path=cfg.drop_path,
+                                 **self.pretrained_shape).to(device)
         self.scan = resolve_scan(cfg.scan, device)
         self.causal_conv = device.type == "cuda" and self.scan != "ref" and causal_conv1d_available()
         self.model.set_kernels(self.scan, self.causal_conv)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, device)
         self.pos = Position()
         if self.ckpt:
-            self.model.load_state_dict(self.ckpt["model"])
-            self.optimizer.load_state_dict(self.ckpt["optimizer"])
-            self.pos = Position(**self.ckpt["position"])
+            try:  # tensors that do not fit this model (edited file, other code version): bad input, not a crash
+                self.model.load_state_dict(self.ckpt["model"])
+                self.optimizer.load_state_dict(self.ckpt["optimizer"])
+                self.pos = Position(**self.ckpt["position"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                why = " ".join(str(e).split())[:300] or type(e).__name__
+                raise CheckpointError(f"{resume_path} does not fit this model or optimizer ({why})") from None
+        elif cfg.pretrained:  # a resumed run has its weights already: the pretrained ones only seed a new run
+            self.pretrained_info = []  # its two summary lines, logged once the log is open
+            load_pretrained(self.model, cfg.pretrained, log=self.pretrained_info.append)
         self.train_model = self.model
         if self.world > 1:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
@@ -169,7 +181,8 @@ class Run:
 
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
-        mean, std = MEAN_STD[cfg.dataset]
+        # ImageNet weights expect ImageNet's normalisation; from scratch, the data set's own statistics.
+        mean, std = IMAGENET_MEAN_STD if cfg.pretrained else MEAN_STD[cfg.dataset]
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.step = TrainStep(self.model, self.optimizer, num_classes=cfg.num_classes, mean=mean, std=std,
@@ -177,8 +190,21 @@ class Run:
                               mixup_alpha=cfg.mixup_alpha if cfg.use_mixup else 0.0,
                               cutmix_alpha=cfg.cutmix_alpha if cfg.use_cutmix else 0.0,
                               label_smoothing=cfg.label_smoothing, amp=self.amp, clip_grad=cfg.clip_grad,
-                              train_model=self.train_model)
+                              input_size=cfg.input_size, train_model=self.train_model)
         self._open_log()
+
+    def _resolve_pretrained_shape(self):
+        """With --pretrained the checkpoint fixes width, depth, patch size and (unless --input_size) resolution;
+        they are written into the config so the log and every checkpoint record the real model."""
+        cfg = self.cfg
+        shape = pretrained_model_config(cfg.pretrained, cfg.input_size)
+        variant = matching_variant(shape)
+        if variant is not None and variant != cfg.arch:
+            raise UsageError(f"{cfg.pretrained} holds a {variant} model (width {shape['embed_dim']}, depth "
+                             f"{shape['depth']}); pass --arch {variant}")
+        cfg.embed_dim, cfg.depth, cfg.patch_size = shape.pop("embed_dim"), shape.pop("depth"), shape.pop("patch_size")
+        cfg.input_size = shape.pop("img_size")
+        self.pretrained_shape = shape  # d_state, d_conv, expand, in_chans
 
     def _open_log(self):
         cfg = self.cfg
@@ -205,6 +231,8 @@ class Run:
                       f"{step_batch} = {cfg.batch_size} x {cfg.accum_steps} accum x {self.world} process(es) | "
                       f"lr {cfg.lr:g} (not rescaled with the batch) | {self.steps_per_epoch} steps/epoch, "
                       f"{self.warmup_steps} warmup steps")
+        for line in self.pretrained_info or []:
+            self.log.info(f"{line} | input {cfg.input_size}x{cfg.input_size}, ImageNet normalisation")
         self.log.info(f"log: {self.log.log_path} | metrics: {self.log.jsonl_path} | checkpoints: {cfg.save_dir}")
 
     def _note_changed_settings(self):
@@ -242,7 +270,9 @@ class Run:
         else:
             set_rng_state(self.ckpt["rng"])  # mid-epoch resume: the RNG exactly as it was at the stop
         self.model.train()
-        loss_sum = torch.zeros((), device=device)
+        # the epoch's running float32 loss sum, continued (not restarted) after a mid-epoch save or resume, so
+        # that a stopped + resumed epoch adds the same numbers in the same order: an identical train_loss
+        loss_sum = torch.tensor(pos.partial["loss_sum"], dtype=torch.float32, device=device)
         bad_streak = torch.zeros((), device=device)
         max_streak = torch.zeros((), device=device)
         bad_total = torch.zeros((), device=device)
@@ -278,7 +308,7 @@ class Run:
                 stop = save_due = False
             if (stop or save_due) and step + 1 < self.steps_per_epoch:
                 self._flush_partial(loss_sum, bad_total, images, t0)
-                loss_sum.zero_(), bad_total.zero_()
+                bad_total.zero_()
                 images, t0 = 0, time.perf_counter()
                 self.save("last")
                 last_save = time.monotonic()
@@ -294,7 +324,7 @@ class Run:
 
     def _flush_partial(self, loss_sum, bad_total, images, t0):
         p = self.pos.partial
-        p["loss_sum"] += loss_sum.item()
+        p["loss_sum"] = loss_sum.item()  # the running sum (see train_one_epoch)
         p["images"] += images
         p["seconds"] += time.perf_counter() - t0
         self.pos.bad_steps += int(bad_total.item())
@@ -305,7 +335,7 @@ class Run:
         self.model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, count
         for x, y in self.test_data.eval_batches(self.cfg.eval_batch_size, self.rank, self.world):
-            x = (x.float() / 255 - self.mean) / self.std
+            x = resize((x.float() / 255 - self.mean) / self.std, self.cfg.input_size)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits = self.model(x).float()
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices

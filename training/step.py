@@ -7,6 +7,7 @@ the loss (or the gradient norm) is not finite. Nothing here reads a value back t
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
@@ -15,11 +16,11 @@ from training.augment import TrainAugment
 
 class TrainStep:
     def __init__(self, model, optimizer, *, num_classes, mean, std, use_randaugment=True, use_crop=True,
-                 use_flip=True, mixup_alpha=0.8,
+                 use_flip=True, input_size=32, mixup_alpha=0.8,
                  cutmix_alpha=1.0, label_smoothing=0.1, amp=False, clip_grad=0.0, train_model=None):
         self.model = model                              # the module whose parameters the optimizer holds
         self.train_model = model if train_model is None else train_model        # what runs forward: the model, compiled or DDP-wrapped
-        self.optimizer, self.amp, self.clip_grad = optimizer, amp, clip_grad
+        self.optimizer, self.amp, self.clip_grad, self.input_size = optimizer, amp, clip_grad, input_size
         self.device_type = next(model.parameters()).device.type
         self.augment = TrainAugment(use_randaugment=use_randaugment, use_crop=use_crop, use_flip=use_flip,
                                     mean=mean, std=std)
@@ -30,7 +31,7 @@ class TrainStep:
 
     def forward_backward(self, x, y, scale, sync=True):
         """One micro-batch. x: uint8 (B, 3, H, W), y: (B,). -> the loss (detached, on the device)."""
-        x = self.augment(x)
+        x = resize(self.augment(x), self.input_size)
         if self.mixup is not None:
             x, y = self.mixup(x, y)
         no_sync = getattr(self.train_model, "no_sync", None)
@@ -56,3 +57,11 @@ class TrainStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return torch.where(finite, loss, 0.0), bad
+
+
+def resize(x, size):
+    """Augmentation runs at CIFAR's 32x32 (cheap); a model made for larger inputs (fine-tuning from ImageNet
+    weights) gets the batch resized up on the device. x: (B, C, H, W) float."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
