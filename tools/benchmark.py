@@ -82,10 +82,51 @@ def run_row(kind, arch, width, depth, patch, batch, args, device):
         row.update(images_per_s=round(ips, 1), peak_mem_gib=None if peak is None else round(peak, 2))
     except torch.cuda.OutOfMemoryError:
         row.update(images_per_s=None, peak_mem_gib="OOM")
+    except Exception as e:  # one failing configuration (e.g. a compile error) must not hide the others
+        row.update(images_per_s=None, peak_mem_gib=None, error=f"{type(e).__name__}: {str(e)[:300]}")
+        print(f"  {kind} {arch} batch {batch} patch {patch} failed: {row['error']}", flush=True)
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def scan_bench(backends, batch_sizes, dim=768, state=16, lengths=(65, 257), reps=20):
+    """The selective scan alone, fwd+bwd of both directions (two calls), bf16 inputs like training's.
+    -> rows of dict(backend, batch, length, ms)."""
+    from models.scan import get_scan_fn
+    rows = []
+    for length in lengths:
+        for batch in batch_sizes:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+            u, dt, z = (r(batch, length, dim).bfloat16().transpose(1, 2).requires_grad_() for _ in range(3))
+            A, D, bias = -torch.rand(dim, state, device="cuda") - 0.5, r(dim), r(dim) * 0.1
+            B, C = (r(batch, length, state).bfloat16().transpose(1, 2).requires_grad_() for _ in range(2))
+            for backend in backends:
+                fn = get_scan_fn(backend)
+
+                def once():
+                    outs = [fn(u, dt, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True) for _ in range(2)]
+                    sum(o.float().sum() for o in outs).backward()
+                try:
+                    for _ in range(3):
+                        once()
+                    torch.cuda.synchronize()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(reps):
+                        once()
+                    end.record()
+                    torch.cuda.synchronize()
+                    ms = start.elapsed_time(end) / reps
+                except Exception as e:
+                    ms = None
+                    print(f"  scan {backend} failed: {type(e).__name__}: {str(e)[:200]}")
+                rows.append(dict(backend=backend, batch=batch, length=length, dim=dim, ms=ms))
+                print(f"scan {backend:<7} batch {batch:>5} L {length:>4} D {dim}: "
+                      f"{'-' if ms is None else f'{ms:.2f} ms'} fwd+bwd, both directions", flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -101,7 +142,18 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--cpu_smoke", action="store_true", help="tiny shapes on the CPU (CI)")
+    p.add_argument("--scan_only", nargs="*", default=None, metavar="BACKEND",
+                   help="time only the selective scan (fwd+bwd, both directions, D=768) for these backends")
     args = p.parse_args(argv)
+    if args.scan_only is not None:
+        if not torch.cuda.is_available():
+            print("benchmark.py: error: --scan_only needs a CUDA GPU", file=sys.stderr)
+            return 2
+        rows = scan_bench(args.scan_only or ["cuda", "triton"], args.batch_sizes)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": {"device": torch.cuda.get_device_name()}, "scan_rows": rows}, f, indent=1)
+        return 0
     if args.cpu_smoke:
         device = torch.device("cpu")
         shapes = [("mamba_tiny", 16, 2)]

@@ -1,0 +1,348 @@
+"""Selective scan (Mamba's S6 recurrence) in Triton, for short sequences and large batches.
+
+Same signature and semantics as ``models.scan.selective_scan_ref`` (and mamba-ssm's ``selective_scan_fn``):
+
+    u, delta, z: (B, D, L)    A: (D, N)    B, C: (B, N, L)    D, delta_bias: (D,)    ->  out: (B, D, L), u's dtype
+
+    delta <- softplus(delta + delta_bias)                      (delta_bias / softplus optional)
+    h_t    = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t  h: (B, D, N), h_{-1} = 0
+    y_t    = <C_t, h_t> + D * u_t
+    out_t  = y_t * silu(z_t)                                   (when z is given)
+
+Inputs may be fp32, fp16 or bf16, with any strides (the model passes (B, L, D)-contiguous tensors as
+``.transpose(1, 2)`` views, and then a time step of a channel block is one contiguous load). Arithmetic is fp32.
+
+Work split. One program owns one batch element and a block of channels and walks the sequence one step at a time,
+BLOCK_L steps per loop iteration (unrolled, so the loads of those steps are in flight together). The state of the
+block, an (N, channels) fp32 tile, stays in registers; nothing of size B*D*L*N is written to memory.
+
+Backward, per program, with nothing saved by the forward but its inputs:
+  pass 1  runs the recurrence forward and writes the state at the end of every chunk of BLOCK_L steps to an fp32
+          scratch of B*D*N*(L/BLOCK_L) values (8x the bytes of a bf16 (B, D, L) tensor at BLOCK_L = 4, N = 16), freed
+          when the backward returns;
+  pass 2  walks the chunks from last to first. It recomputes the chunk's states from the saved boundary state, keeping
+          them in registers, then steps back through the chunk with the adjoint state
+              g_t = dL/dh_t = C_t*dy_t + a_{t+1}*g_{t+1},      a_t = exp(delta_t*A),  dy = dout*silu(z)
+          and accumulates
+              ddelta_t = sum_n g_t*(A*a_t*h_{t-1} + u_t*B_t)    du_t = D*dy_t + delta_t * sum_n g_t*B_t
+              dA      += sum_t delta_t*g_t*a_t*h_{t-1}          dB_t = sum_d g_t*delta_t*u_t
+              dC_t     = sum_d dy_t*h_t                         dD  += sum_t dy_t*u_t
+          dB and dC sum over channel blocks (fp32 atomics); dA, dD and d(delta_bias) are per-batch partials that torch
+          sums afterwards.
+
+Registers. The state tile is (N, BLOCK_D) fp32, spread over one warp's lanes and registers (see FWD_CONFIG); sums over
+n (y, ddelta, du) and over channels (dB, dC) are in-thread adds plus a few shuffles. The backward keeps the BLOCK_L+1
+states of a chunk in registers (a tuple; the loop over the chunk's steps is unrolled) and recomputes exp(delta_t*A) on
+the way back rather than keeping it: the exp unit has room there, the register file has not.
+"""
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+# Launch shapes; a benchmark may overwrite these. A program covers BLOCK_D channels and runs BLOCK_L steps per loop
+# iteration; the backward's chunks, and so its scratch of boundary states (1/BLOCK_L of all states, fp32), are BLOCK_L
+# steps long. Triton derives the register layout from the coalesced load of the (N, BLOCK_D) tile of A: four
+# consecutive channels per thread, lanes over the rest of the channels and then over the states. With BLOCK_D = 32 and
+# one warp that is 4 channels x 4 states per thread, lanes over 8 channel groups x 4 state groups, so sums over either
+# axis are mostly in-thread. More warps at this BLOCK_D would split the states across warps (sums through shared
+# memory); the backward at BLOCK_L = 4 uses ~250 registers (sm_90, Triton 3.6), BLOCK_L = 8 spills.
+FWD_CONFIG = dict(BLOCK_D=32, BLOCK_L=8, num_warps=1)
+BWD_CONFIG = dict(BLOCK_D=32, BLOCK_L=4, num_warps=1)
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+
+
+@triton.jit
+def _load(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _softplus(x):
+    # log1p(exp(x)) as log(w) * e / (w - 1), accurate when exp(x) is tiny; linear above 20 like F.softplus
+    e = tl.exp(x)
+    w = 1.0 + e
+    lp = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _load_delta(ptr, offs, mask, bias, SOFTPLUS: tl.constexpr):
+    """(delta, delta + bias before softplus) of one step; delta is 0 where masked, so padding leaves the state alone."""
+    raw = _load(ptr, offs, mask) + bias
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
+                Dim, L, N,
+                s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
+                s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
+                HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_b = tl.program_id(1).to(tl.int64)  # 64-bit batch offsets: B*L*D can pass 2**31
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < Dim
+    mask_n = offs_n < N
+    # (BLOCK_N, BLOCK_D) tiles; padded (state, channel) pairs get A = 0 and B = C = 0, so their state stays 0.
+    A = _load(A_ptr, offs_n[:, None] * s_An + offs_d[None, :] * s_Ad, mask_n[:, None] & mask_d[None, :])
+    bias = 0.0
+    if HAS_BIAS:
+        bias = _load(bias_ptr, offs_d, mask_d)
+    if HAS_D:
+        Dv = _load(D_ptr, offs_d, mask_d)
+    u_ptr += pid_b * s_ub
+    dt_ptr += pid_b * s_tb
+    B_ptr += pid_b * s_Bb
+    C_ptr += pid_b * s_Cb
+    z_ptr += pid_b * s_zb
+    out_ptr += pid_b * s_ob
+
+    h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        for k in tl.static_range(BLOCK_L):  # unrolled so that the loads of BLOCK_L steps are in flight together
+            t = l0 + k
+            m_d = mask_d & (t < L)
+            m_n = mask_n & (t < L)
+            u = _load(u_ptr, t * s_ul + offs_d * s_ud, m_d)
+            dt, _ = _load_delta(dt_ptr, t * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
+            Bt = _load(B_ptr, t * s_Bl + offs_n * s_Bn, m_n)
+            Ct = _load(C_ptr, t * s_Cl + offs_n * s_Cn, m_n)
+            h = tl.exp2((dt * LOG2E)[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
+            y = tl.sum(h * Ct[:, None], axis=0)
+            if HAS_D:
+                y += Dv * u
+            if HAS_Z:
+                z = _load(z_ptr, t * s_zl + offs_d * s_zd, m_d)
+                y = y * z * tl.sigmoid(z)
+            tl.store(out_ptr + t * s_ol + offs_d * s_od, y.to(out_ptr.dtype.element_ty), mask=m_d)
+
+
+@triton.jit
+def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
+                du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, ck_ptr,
+                Dim, L, N,
+                s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
+                s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
+                s_dub, s_dud, s_dul, s_dtb, s_dtd, s_dtl, s_dzb, s_dzd, s_dzl,
+                HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < Dim
+    mask_n = offs_n < N
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    A = _load(A_ptr, offs_n[:, None] * s_An + offs_d[None, :] * s_Ad, mask_nd)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = _load(bias_ptr, offs_d, mask_d)
+    Dv = 0.0
+    if HAS_D:
+        Dv = _load(D_ptr, offs_d, mask_d)
+    u_ptr += pid_b * s_ub
+    dt_ptr += pid_b * s_tb
+    B_ptr += pid_b * s_Bb
+    C_ptr += pid_b * s_Cb
+    z_ptr += pid_b * s_zb
+    dout_ptr += pid_b * s_ob
+    du_ptr += pid_b * s_dub
+    ddt_ptr += pid_b * s_dtb
+    dz_ptr += pid_b * s_dzb
+    dB_ptr += pid_b * L * N  # dB, dC: fp32 (B, L, N) buffers that all channel blocks add into
+    dC_ptr += pid_b * L * N
+    n_chunks = tl.cdiv(L, BLOCK_L)
+    # This program's scratch: the state at the end of chunks 0 .. n_chunks-2, one (BLOCK_N, BLOCK_D) tile each.
+    ck_tile = offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    ck_ptr += (pid_b * tl.num_programs(0) + pid_d) * (n_chunks - 1) * (BLOCK_N * BLOCK_D)
+
+    # Pass 1: chunk-boundary states (every step of these chunks is inside the sequence).
+    h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for c in range(0, n_chunks - 1):
+        for k in tl.static_range(BLOCK_L):
+            t = c * BLOCK_L + k
+            u = _load(u_ptr, t * s_ul + offs_d * s_ud, mask_d)
+            dt, _ = _load_delta(dt_ptr, t * s_tl + offs_d * s_td, mask_d, bias, SOFTPLUS)
+            Bt = _load(B_ptr, t * s_Bl + offs_n * s_Bn, mask_n)
+            h = tl.exp2((dt * LOG2E)[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
+        tl.store(ck_ptr + c * (BLOCK_N * BLOCK_D) + ck_tile, h)
+
+    # Pass 2: chunks from last to first.
+    q = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)  # a_{t+1}*g_{t+1}; across chunks, t+1 = first step of the later one
+    dA_acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        h = tl.load(ck_ptr + tl.maximum(c - 1, 0) * (BLOCK_N * BLOCK_D) + ck_tile, mask=mask_nd & (c > 0), other=0.0)
+        # Recompute the chunk's states: h_cur[k] = h_t and h_prev[k] = h_{t-1} for its k-th step t (the same values,
+        # shifted: the tuples cost no registers twice, and indices stay plain loop constants).
+        h_prev = ()
+        h_cur = ()
+        for k in tl.static_range(BLOCK_L):
+            t = c * BLOCK_L + k
+            m_d = mask_d & (t < L)
+            u = _load(u_ptr, t * s_ul + offs_d * s_ud, m_d)
+            dt, _ = _load_delta(dt_ptr, t * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
+            Bt = _load(B_ptr, t * s_Bl + offs_n * s_Bn, mask_n & (t < L))
+            h_prev = h_prev + (h,)
+            h = tl.exp2((dt * LOG2E)[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
+            h_cur = h_cur + (h,)
+        # Step back through the chunk with the adjoint state g.
+        for k in tl.static_range(BLOCK_L - 1, -1, -1):
+            t = c * BLOCK_L + k
+            m_d = mask_d & (t < L)
+            m_n = mask_n & (t < L)
+            u = _load(u_ptr, t * s_ul + offs_d * s_ud, m_d)
+            dt, dt_raw = _load_delta(dt_ptr, t * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
+            Bt = _load(B_ptr, t * s_Bl + offs_n * s_Bn, m_n)
+            Ct = _load(C_ptr, t * s_Cl + offs_n * s_Cn, m_n)
+            dy = _load(dout_ptr, t * s_ol + offs_d * s_od, m_d)
+            if HAS_Z:
+                z = _load(z_ptr, t * s_zl + offs_d * s_zd, m_d)
+                y = tl.sum(h_cur[k] * Ct[:, None], axis=0) + Dv * u
+                sz = tl.sigmoid(z)
+                dz = dy * y * sz * (1.0 + z * (1.0 - sz))
+                tl.store(dz_ptr + t * s_dzl + offs_d * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
+                dy = dy * z * sz
+            g = Ct[:, None] * dy[None, :] + q                 # g_t = C_t*dy_t + a_{t+1}*g_{t+1}
+            q = tl.exp2((dt * LOG2E)[None, :] * A) * g        # a_t*g_t, passed back to step t-1
+            ghb = q * h_prev[k]                               # g_t * a_t * h_{t-1}
+            dA_acc += ghb * dt[None, :]
+            gB = tl.sum(g * Bt[:, None], axis=0)
+            ddt = tl.sum(ghb * A, axis=0) + u * gB
+            du = dt * gB + Dv * dy
+            if HAS_D:
+                dD_acc += dy * u
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(dt_raw)               # softplus'(x) = sigmoid(x) (and 1 above 20)
+            ddt = tl.where(m_d, ddt, 0.0)
+            dbias_acc += ddt
+            tl.store(du_ptr + t * s_dul + offs_d * s_dud, du.to(du_ptr.dtype.element_ty), mask=m_d)
+            tl.store(ddt_ptr + t * s_dtl + offs_d * s_dtd, ddt.to(ddt_ptr.dtype.element_ty), mask=m_d)
+            # sums over this program's channels; the other channel blocks add into the same (b, t, n) entries
+            tl.atomic_add(dB_ptr + t * N + offs_n, tl.sum(g * (dt * u)[None, :], axis=1), mask=m_n, sem="relaxed")
+            tl.atomic_add(dC_ptr + t * N + offs_n, tl.sum(h_cur[k] * dy[None, :], axis=1), mask=m_n, sem="relaxed")
+
+    # per-batch partial sums, reduced over the batch by torch
+    tl.store(dA_ptr + pid_b * N * Dim + offs_n[:, None] * Dim + offs_d[None, :], dA_acc, mask=mask_nd)
+    tl.store(dD_ptr + pid_b * Dim + offs_d, dD_acc, mask=mask_d)
+    tl.store(dbias_ptr + pid_b * Dim + offs_d, dbias_acc, mask=mask_d)
+
+
+def _empty_like_bdl(x):
+    """An empty (B, D, L) tensor stored like x: (B, L, D)-contiguous when x's channels are contiguous (a transposed
+    view), else (B, D, L)-contiguous, so that the kernels' loads and stores of one time step stay contiguous."""
+    Bsz, Dim, L = x.shape
+    if x.stride(1) == 1 and x.stride(2) != 1:
+        return torch.empty(Bsz, L, Dim, dtype=x.dtype, device=x.device).transpose(1, 2)
+    return torch.empty(Bsz, Dim, L, dtype=x.dtype, device=x.device)
+
+
+def _channels_contiguous(A):
+    """A (D, N) as a view of an (N, D)-contiguous copy. Every (N, BLOCK_D) tile the backward reads or writes is then
+    contiguous along the channels, and Triton gives them all one register layout instead of converting between two."""
+    return A.t().contiguous().t()
+
+
+def _launch(cfg, Dim, L, N):
+    """Block sizes of one launch, shrunk for tiny problems (tests)."""
+    return dict(BLOCK_D=min(cfg["BLOCK_D"], max(triton.next_power_of_2(Dim), 16)),
+                BLOCK_L=min(cfg["BLOCK_L"], triton.next_power_of_2(L)),
+                BLOCK_N=triton.next_power_of_2(N), num_warps=cfg["num_warps"])
+
+
+def _flags(D, z, delta_bias, delta_softplus):
+    return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=bool(delta_softplus))
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    Bsz, Dim, L = u.shape
+    out = _empty_like_bdl(u)
+    At = _channels_contiguous(A)
+    meta = _launch(FWD_CONFIG, Dim, L, A.shape[1])
+    grid = (triton.cdiv(Dim, meta["BLOCK_D"]), Bsz)
+    z_strides = z.stride() if z is not None else (0, 0, 0)
+    _fwd_kernel[grid](
+        u, delta, At, B, C, D if D is not None else u, z if z is not None else u,
+        delta_bias if delta_bias is not None else u, out,
+        Dim, L, A.shape[1], *u.stride(), *delta.stride(), *At.stride(), *B.stride(), *C.stride(), *z_strides,
+        *out.stride(), **_flags(D, z, delta_bias, delta_softplus), **meta)
+    return out
+
+
+def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    Bsz, Dim, L = u.shape
+    N = A.shape[1]
+    meta = _launch(BWD_CONFIG, Dim, L, N)
+    grid = (triton.cdiv(Dim, meta["BLOCK_D"]), Bsz)
+    tile = meta["BLOCK_N"] * meta["BLOCK_D"]
+    f32 = dict(dtype=torch.float32, device=u.device)
+    At = _channels_contiguous(A)
+    du, ddelta = _empty_like_bdl(u), _empty_like_bdl(delta)
+    dz = _empty_like_bdl(z) if z is not None else None
+    dB = torch.zeros(Bsz, L, N, **f32)
+    dC = torch.zeros(Bsz, L, N, **f32)
+    dA = torch.empty(Bsz, N, Dim, **f32)
+    dD = torch.empty(Bsz, Dim, **f32)
+    dbias = torch.empty(Bsz, Dim, **f32)
+    ck = torch.empty(max((triton.cdiv(L, meta["BLOCK_L"]) - 1) * grid[0] * Bsz * tile, 1), **f32)
+    z_strides = z.stride() if z is not None else (0, 0, 0)
+    _bwd_kernel[grid](
+        u, delta, At, B, C, D if D is not None else u, z if z is not None else u,
+        delta_bias if delta_bias is not None else u, dout,
+        du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, dbias, ck,
+        Dim, L, N, *u.stride(), *delta.stride(), *At.stride(), *B.stride(), *C.stride(), *z_strides,
+        *dout.stride(), *du.stride(), *ddelta.stride(), *(dz.stride() if dz is not None else (0, 0, 0)),
+        **_flags(D, z, delta_bias, delta_softplus), **meta)
+    dA = dA.sum(0).t().to(A.dtype)
+    dB = dB.transpose(1, 2).to(B.dtype)  # (B, N, L)
+    dC = dC.transpose(1, 2).to(C.dtype)
+    dD = dD.sum(0).to(D.dtype) if D is not None else None
+    dbias = dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
+class _SelectiveScanTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():  # CPU: interpreter
+            out = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.delta_softplus = delta_softplus
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():  # CPU: interpreter
+            grads = _backward(dout, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus)
+        return (*grads, None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Selective scan with mamba-ssm's ``selective_scan_fn`` signature; shapes and semantics in the module docstring.
+
+    Differentiable w.r.t. u, delta, A, B, C, D, z and delta_bias. Returns (B, D, L) in u's dtype, stored
+    (B, L, D)-contiguous when u's channels are contiguous (a ``.transpose(1, 2)`` view), else contiguous.
+    """
+    Bsz, Dim, L = u.shape
+    N = A.shape[1]
+    if delta.shape != u.shape or (z is not None and z.shape != u.shape):
+        raise ValueError("u, delta and z must all be (B, D, L)")
+    if A.shape != (Dim, N) or A.is_complex():
+        raise ValueError(f"A must be a real (D, N) = ({Dim}, N) tensor, got {tuple(A.shape)} {A.dtype}")
+    if B.shape != (Bsz, N, L) or C.shape != (Bsz, N, L):
+        raise ValueError(f"B and C must be (B, N, L) = ({Bsz}, {N}, {L})")
+    if (D is not None and D.shape != (Dim,)) or (delta_bias is not None and delta_bias.shape != (Dim,)):
+        raise ValueError(f"D and delta_bias must be ({Dim},)")
+    if Bsz > 65535:  # the batch is the second grid axis
+        raise ValueError(f"batch {Bsz} is above 65535; split it")
+    return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
