@@ -11,7 +11,8 @@ Every backend has the signature of mamba-ssm's ``selective_scan_fn``:
     out_t  = y_t * silu(z_t)                         (when z is given)
 
 Backends: ``ref`` (pure PyTorch, runs anywhere), ``cuda`` (mamba-ssm's kernel) and ``triton`` (our kernel
-for short sequences, ``models/scan_triton.py``). ``auto`` takes the fastest one that can run on the device.
+for short sequences, ``models/scan_triton.py``). ``auto`` takes the fastest one that can run on the device:
+triton on CUDA (then mamba-ssm, then ref), ref on the CPU.
 """
 import importlib.util
 
@@ -57,10 +58,10 @@ def resolve_scan(name, device):
     device = torch.device(device)
     if name not in SCAN_CHOICES:
         raise ValueError(f"--scan must be one of {', '.join(SCAN_CHOICES)}, got {name!r}")
-    if name == "auto":
+    if name == "auto":  # measured on an H200: our Triton scan runs 2-3x faster than mamba-ssm's at 65 tokens
         if device.type != "cuda":
             return "ref"
-        return "cuda" if mamba_ssm_available() else "ref"
+        return "triton" if triton_scan_available() else "cuda" if mamba_ssm_available() else "ref"
     if name in ("cuda", "triton") and device.type != "cuda":
         raise ValueError(f"--scan {name} needs a CUDA device, but the run is on {device.type}")
     if name == "cuda" and not mamba_ssm_available():

@@ -6,6 +6,10 @@ import sys
 import numpy as np
 import pytest
 
+# Tiny models on a small CPU: one thread per process is much faster than several fighting over two cores
+# (subprocesses the tests start inherit it too).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))

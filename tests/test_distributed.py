@@ -22,18 +22,31 @@ RUNNER = textwrap.dedent("""
     os.makedirs(cfg.save_dir, exist_ok=True)
     run = Run(cfg)
     run.setup()
-    run.fit()
+    stop_at = int(os.environ.get("STOP_AT_STEP", "0"))
+    if stop_at:  # as if `kill` arrived during step stop_at (ranks agree on stopping every 10 steps)
+        step, calls = run.step, [0]
+        def counted(*a):
+            calls[0] += 1
+            if calls[0] == stop_at:
+                run.stop.signum = 15
+            return step(*a)
+        run.step = counted
+    try:
+        run.fit()
+    except Exception as e:
+        print("STOPPED", type(e).__name__, run.pos.epoch, run.pos.step_in_epoch)
+        sys.exit(0)
     torch.save(run.model.state_dict(), os.path.join({out!r}, f"rank{{run.rank}}_of_{{run.world}}.pt"))
     print("LOG", run.log.log_path if run.is_main else "")
 """)
 
 
-def run_procs(tmp_path, nproc, args):
+def run_procs(tmp_path, nproc, args, **env_extra):
     script = tmp_path / "runner.py"
     script.write_text(RUNNER.format(root=ROOT, out=str(tmp_path)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(29500 + os.getpid() % 1000 + nproc), str(script), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r.stdout
@@ -60,3 +73,37 @@ def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path):
     # Same images, same averaged gradient; only the order of floating-point sums differs.
     for k in s:
         torch.testing.assert_close(r0[k], s[k], rtol=1e-4, atol=1e-5, msg=f"DDP and 1-process differ in {k}")
+
+
+@pytest.mark.slow
+def test_ddp_mid_epoch_resume_gives_every_rank_its_own_rng(tmp_path):
+    """Crop, flip and Mixup/CutMix on: each rank draws its own randomness, so resuming mid-epoch is exact only
+    if each rank gets its own RNG state back."""
+    data = make_cifar(str(tmp_path / "data"), n_train=240, n_test=16)  # 30 steps of 2 x 4 images per epoch
+    random_on = ["--no_use_randaugment", "--drop_path", "0.1", "--epochs", "2", "--warmup_epochs", "1",
+                 "--batch_size", "4", "--deterministic"]
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    run_procs(ref, 2, tiny_args(ref, data, *random_on))
+    part = tmp_path / "part"
+    part.mkdir()
+    # The signal lands in step 5; ranks agree on it at step 10, save mid-epoch and stop together.
+    out = run_procs(part, 2, tiny_args(part, data, *random_on), STOP_AT_STEP="5")
+    assert out.count("STOPPED Stopped 0 10") == 2, out
+    ck = torch.load(part / "ckpt" / "mamba_tiny_cifar10_last.pth", weights_only=True)
+    assert ck["position"]["step_in_epoch"] == 10 and len(ck["per_rank"]) == 2
+    run_procs(part, 2, tiny_args(part, data, *random_on, "--resume", "auto"))
+    a = torch.load(ref / "rank0_of_2.pt", weights_only=True)
+    b = torch.load(part / "rank0_of_2.pt", weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"resumed DDP run differs in {k}"
+
+
+def test_mid_epoch_checkpoint_refuses_another_process_count(tmp_path):
+    data = make_cifar(str(tmp_path / "data"), n_train=240, n_test=16)
+    args = tiny_args(tmp_path, data, "--no_use_randaugment", "--epochs", "2", "--warmup_epochs", "1",
+                     "--batch_size", "4")
+    run_procs(tmp_path, 2, args, STOP_AT_STEP="5")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train_mamba_baseline.py"), *args, "--resume", "auto"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2 and "saved mid-epoch by 2 process(es)" in r.stderr

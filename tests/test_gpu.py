@@ -80,4 +80,5 @@ def test_cli_trains_on_gpu(tmp_path):
                                     "--log_dir", str(tmp_path / "l"), "--run_id", "gpu", "--no_progress"])
     assert rc == 0
     log = (tmp_path / "l" / "mamba_tiny_cifar10_baseline_gpu.log").read_text()
-    assert "scan kernel: " + ("cuda" if HAS_MAMBA else "ref") in log and "bf16 autocast" in log
+    from models.scan import resolve_scan
+    assert "scan kernel: " + resolve_scan("auto", "cuda") in log and "bf16 autocast" in log

@@ -148,3 +148,11 @@ def test_resolve_scan_unknown_name(name):
 def test_get_scan_fn_unknown_backend():
     with pytest.raises(ValueError):
         get_scan_fn("auto")  # "auto" must be resolved first
+
+
+def test_auto_prefers_triton_then_mamba_ssm_then_ref_on_cuda(monkeypatch):
+    import models.scan as scan
+    for triton, mamba, expected in ((True, True, "triton"), (False, True, "cuda"), (False, False, "ref")):
+        monkeypatch.setattr(scan, "triton_scan_available", lambda t=triton: t)
+        monkeypatch.setattr(scan, "mamba_ssm_available", lambda m=mamba: m)
+        assert scan.resolve_scan("auto", "cuda") == expected

@@ -36,6 +36,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def gather_objects(obj):
+    """-> a list with every rank's ``obj`` (picklable), in rank order; [obj] in a single process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def cleanup():
     if is_distributed():
         dist.destroy_process_group()

@@ -168,9 +168,13 @@ class Run:
                 self.model.load_state_dict(self.ckpt["model"])
                 self.optimizer.load_state_dict(self.ckpt["optimizer"])
                 self.pos = Position(**self.ckpt["position"])
+                saved_world = len(self.ckpt.get("per_rank") or [None])
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 why = " ".join(str(e).split())[:300] or type(e).__name__
                 raise CheckpointError(f"{resume_path} does not fit this model or optimizer ({why})") from None
+            if self.pos.step_in_epoch and saved_world != self.world:
+                raise CheckpointError(f"{resume_path} was saved mid-epoch by {saved_world} process(es); resume it "
+                                      f"with {saved_world}, or from an epoch-boundary checkpoint")
         elif cfg.pretrained:  # a resumed run has its weights already: the pretrained ones only seed a new run
             self.pretrained_info = []  # its two summary lines, logged once the log is open
             load_pretrained(self.model, cfg.pretrained, log=self.pretrained_info.append)
@@ -253,9 +257,14 @@ class Run:
                 "config": {k: v for k, v in vars(self.cfg).items()}, "log_path": self.log.log_path}
 
     def save(self, *kinds):
+        """Rank 0 writes. Under DDP every rank calls this at the same step: each rank's RNG state and epoch sums
+        go into the checkpoint too, so that a mid-epoch resume gives each rank back its own."""
+        per_rank = ddp.gather_objects({"rng": rng_state(), "partial": dict(self.pos.partial)}) \
+            if self.world > 1 else None
         if not self.is_main:
             return
         state = self.checkpoint_state()
+        state["per_rank"] = per_rank
         for kind in kinds:
             path = self.paths[kind] if kind != "epoch" else self.paths["epoch"].format(self.pos.epoch)
             save_checkpoint(state, path)
@@ -267,8 +276,11 @@ class Run:
         if start == 0:
             seed_epoch(cfg.seed, epoch, self.rank)
             pos.partial = {"loss_sum": 0.0, "images": 0, "seconds": 0.0}
-        else:
-            set_rng_state(self.ckpt["rng"])  # mid-epoch resume: the RNG exactly as it was at the stop
+        else:  # mid-epoch resume: this rank's RNG and sums exactly as they were at the stop
+            mine = self.ckpt["per_rank"][self.rank] if self.ckpt.get("per_rank") else self.ckpt
+            set_rng_state(mine["rng"])
+            if self.ckpt.get("per_rank"):
+                pos.partial = dict(mine["partial"])
         self.model.train()
         # the epoch's running float32 loss sum, continued (not restarted) after a mid-epoch save or resume, so
         # that a stopped + resumed epoch adds the same numbers in the same order: an identical train_loss
@@ -304,6 +316,8 @@ class Run:
             if self.world > 1 and (step + 1) % 10 == 0:  # ranks must agree, or they wait on each other forever
                 flags = ddp.all_reduce_sum(torch.tensor([float(stop), float(save_due)], device=device))
                 stop, save_due = bool(flags[0] > 0), bool(flags[1] > 0)
+                if stop and self.stop.signum is None:
+                    self.stop.signum = signal.SIGTERM  # another rank was signalled: stop together
             elif self.world > 1:
                 stop = save_due = False
             if (stop or save_due) and step + 1 < self.steps_per_epoch:
