@@ -743,3 +743,9 @@ def test_chaos_tool_passes(tmp_path):
     assert "PASS" in out and "FAIL" not in out, out
     assert "kill 1: " in out and "resumes from" in out, out  # where each kill landed
     assert "final resume: finished at end of epoch 2" in out, out
+
+
+def test_fresh_run_over_an_existing_run_is_refused(tmp_path, data, existing, capsys):
+    """Re-running a command without --resume must not overwrite the previous run's checkpoints."""
+    _refused(run_args(data, existing, tmp_path / "logs", "n"), capsys, existing,
+             ["already holds a run", "--resume auto", "nothing was overwritten"], tmp_path)

@@ -140,6 +140,10 @@ class Run:
         self.resume_path = resume_path
 
         data = load_cifar(cfg.dataset, cfg.data_dir, download=self.is_main)
+        if not cfg.resume and os.path.isfile(self.paths["last"]):
+            raise CheckpointError(f"{cfg.save_dir} already holds a run ({os.path.basename(self.paths['last'])}); "
+                                  "add --resume auto to continue it, or use another --save_dir (nothing was "
+                                  "overwritten)")
         (xtr, ytr), (xte, yte) = data["train"], data["test"]
         if cfg.train_subset:
             xtr, ytr = xtr[:cfg.train_subset], ytr[:cfg.train_subset]
@@ -216,6 +220,8 @@ class Run:
         # with the checkpoint's whole history, so it alone holds every epoch of the run.
         log_path, jsonl_path = log_paths(cfg.log_dir, cfg.arch, cfg.dataset, cfg.run_id)
         self.log = RunLog(log_path, jsonl_path, enabled=self.is_main)
+        if cfg.resume == "auto" and not self.ckpt:
+            self.log.info(f"--resume auto: no checkpoint in {cfg.save_dir} yet, starting a new run")
         if self.ckpt:
             self.log.rewrite_jsonl(self.pos.history)
             self.log.info(f"resumed from {self.resume_path} (log {self.ckpt['log_path']}): epoch {self.pos.epoch}, step {self.pos.step_in_epoch}"
