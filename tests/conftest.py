@@ -1,9 +1,7 @@
 """Shared test helpers: generated CIFAR files in the standard layout, tiny run configurations."""
 import os
-import pickle
 import sys
 
-import numpy as np
 import pytest
 
 # Tiny models on a small CPU: one thread per process is much faster than several fighting over two cores
@@ -14,6 +12,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from fake_cifar import make_cifar  # noqa: E402  (shared with tools/chaos_test.py)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors run far faster on one intra-op thread, above all on a busy 2-core machine (a test that
+    changes the thread count gets it back)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # A model small enough for CPU tests: width 16, 2 layers, patch 8 (16 patches + cls token).

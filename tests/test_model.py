@@ -12,15 +12,6 @@ from training.optim import build_optimizer
 TINY = dict(embed_dim=16, depth=2, patch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors run far faster on one intra-op thread, above all on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(num_classes=10, seed=0, **kw):
     torch.manual_seed(seed)
     return build_model("mamba_tiny", num_classes, **{**TINY, **kw})

@@ -9,15 +9,6 @@ from models.scan import SCAN_CHOICES, get_scan_fn, resolve_scan, selective_scan_
 BATCH, DIM, STATE, LENGTH = 2, 3, 4, 7
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors run far faster on one intra-op thread, above all on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def naive_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """The S6 recurrence written out one time step and one element at a time, in float64."""
     u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))

@@ -4,7 +4,6 @@ import math
 import signal
 
 import pytest
-import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import train_mamba_baseline
@@ -12,15 +11,6 @@ from conftest import tiny_args
 from training.optim import lr_at
 
 KW = dict(base_lr=1e-3, total_steps=100, warmup_steps=10, warmup_lr=1e-6, min_lr=1e-5)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors run far faster on one intra-op thread, above all on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_warmup_is_linear_from_warmup_lr_to_base():
