@@ -236,7 +236,7 @@ class Run:
                       f"(patch {cfg.patch_size}), width {self.model.cfg.embed_dim}, depth {self.model.cfg.depth}")
         self.log.info(f"device: {gpu} x{self.world} | scan kernel: {self.scan} | causal-conv1d: "
                       f"{'yes' if self.causal_conv else 'no (PyTorch conv1d)'} | precision: "
-                      f"{'bf16 autocast' if self.amp else 'fp32'}")
+                      f"{'bf16 autocast' if self.amp else 'fp32'}{' | torch.compile' if cfg.compile else ''}")
         self.log.info(f"data: {len(self.train_data)} train / {len(self.test_data)} test images | global batch "
                       f"{step_batch} = {cfg.batch_size} x {cfg.accum_steps} accum x {self.world} process(es) | "
                       f"lr {cfg.lr:g} (not rescaled with the batch) | {self.steps_per_epoch} steps/epoch, "
