@@ -19,6 +19,11 @@ def main(argv=None):
     except (UsageError, DataError, CheckpointError, PretrainedError) as e:
         print(f"train_mamba_baseline.py: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's fault (a full disk while logging, a vanished folder): one line, no traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"train_mamba_baseline.py: error: {e.strerror or e}{where}; the last checkpoint is intact, resume "
+              "with --resume auto", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

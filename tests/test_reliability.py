@@ -749,3 +749,17 @@ def test_fresh_run_over_an_existing_run_is_refused(tmp_path, data, existing, cap
     """Re-running a command without --resume must not overwrite the previous run's checkpoints."""
     _refused(run_args(data, existing, tmp_path / "logs", "n"), capsys, existing,
              ["already holds a run", "--resume auto", "nothing was overwritten"], tmp_path)
+
+
+def test_full_disk_while_logging_is_one_line_and_the_checkpoint_survives(tmp_path, data, capsys, monkeypatch):
+    import errno
+    from training.logs import RunLog
+
+    def full(self, rec, total):
+        raise OSError(errno.ENOSPC, "No space left on device", self.jsonl_path)
+    monkeypatch.setattr(RunLog, "epoch", full)
+    save = tmp_path / "s"
+    assert call_main(run_args(data, save, tmp_path / "logs", "disk")) == 2
+    one_error_line(capsys, "No space left on device", "--resume auto")
+    ck = load(save / LAST)  # the epoch's checkpoint is written before its log line
+    assert ck["position"]["epoch"] == 1
