@@ -34,8 +34,8 @@ def build_parser():
     g.add_argument("--dataset", default="cifar10", help="cifar10 or cifar100")
     g.add_argument("--arch", default="mamba_small", help=f"one of {', '.join(VARIANTS)}")
     g.add_argument("--epochs", type=int, default=300)
-    g.add_argument("--batch_size", type=int, default=128, help="images per optimizer step (per GPU under DDP)"
-                   " is batch_size * accum_steps")
+    g.add_argument("--batch_size", type=int, default=128, help="images per micro-batch and process; one optimizer "
+                   "step sees batch_size x accum_steps x processes")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (after warmup)")
     g.add_argument("--weight_decay", type=float, default=0.05)
     g.add_argument("--warmup_epochs", type=float, default=20)
