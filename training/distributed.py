@@ -28,14 +28,6 @@ def all_reduce_sum(t):
     return t
 
 
-def broadcast_object(obj):
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def gather_objects(obj):
     """-> a list with every rank's ``obj`` (picklable), in rank order; [obj] in a single process."""
     if not is_distributed():
