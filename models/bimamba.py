@@ -61,7 +61,6 @@ class BiMambaMixer(nn.Module):
 
     def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D):
         """One scan direction. x, z: (B, D_in, L) -> (B, D_in, L)."""
-        L = x.shape[-1]
         x = self._conv(x, conv)
         x_dbl = x_proj(x.transpose(1, 2))                                  # (B, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -72,7 +71,6 @@ class BiMambaMixer(nn.Module):
         scan = get_scan_fn(self.scan_backend)
         if self.scan_backend == "cuda":  # mamba-ssm's kernel wants contiguous inputs in its own dtype
             x, dt, B, C, z = (t.contiguous() for t in (x, dt, B, C, z))
-        assert x.shape[-1] == L
         return scan(x, dt, A, B, C, D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True)
 
     def forward(self, hidden):
@@ -94,4 +92,3 @@ def _init_dt_proj(dt_proj, dt_rank, dt_min, dt_max, dt_init_floor):
     dt = dt.clamp(min=dt_init_floor)
     with torch.no_grad():
         dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
-    dt_proj.bias._no_reinit = True
