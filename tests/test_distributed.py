@@ -44,8 +44,9 @@ RUNNER = textwrap.dedent("""
 def run_procs(tmp_path, nproc, args, **env_extra):
     script = tmp_path / "runner.py"
     script.write_text(RUNNER.format(root=ROOT, out=str(tmp_path)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + os.getpid() % 1000 + nproc), str(script), *args]
+    # --standalone: torchrun finds a free port itself, so repeated or concurrent runs never collide
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(script), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

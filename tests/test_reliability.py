@@ -325,8 +325,9 @@ def test_sigkill_at_any_moment_then_resume_auto(tmp_path, data, reference):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_mid_epoch_and_resumes_exactly(sig, tmp_path, data, reference, capsys):
     save, logs = tmp_path / "ckpt", tmp_path / "logs"
-    # slow checkpoint writes (0.5 s each) keep the tiny run alive long enough for the checks below
-    c = Child(run_args(data, save, logs, "first"), tmp_path / "first.out", slow_save_trainer(tmp_path, 0.5))
+    # slow checkpoint writes (2 s each, at least 2 per epoch) keep the tiny run alive long enough for the checks
+    # below even on an idle machine, where its training steps take next to no time
+    c = Child(run_args(data, save, logs, "first"), tmp_path / "first.out", slow_save_trainer(tmp_path, 2.0))
     c.wait_training(log_of(logs, "first"))
     if sig == signal.SIGTERM:
         # two runs on one save_dir: the second refuses, naming the holder; the first carries on
