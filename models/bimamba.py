@@ -1,7 +1,8 @@
 """Vim's bidirectional "v2" Mamba mixer.
 
 One in_proj and one out_proj serve both directions. The forward direction scans the tokens in order; the
-backward direction has its own conv1d, x_proj, dt_proj, A and D and scans the flipped sequence. The two
+backward direction has its own conv1d, x_proj, dt_proj, A and D and scans the flipped sequence (computed as an
+anti-causal conv and a reverse scan, so that no activation is copied just to flip it). The two
 outputs are averaged before out_proj (Vim's ``if_divide_out``). Parameter names follow hustvl/Vim, so its
 checkpoints load as they are.
 """
@@ -19,10 +20,22 @@ def causal_conv1d_available():
     return importlib.util.find_spec("causal_conv1d") is not None
 
 
-def causal_conv1d_silu_ref(x, weight, bias):
-    """Depthwise causal conv + SiLU. x: (B, D, L), weight: (D, K), bias: (D,) -> (B, D, L)."""
-    k = weight.shape[-1]
-    y = F.conv1d(F.pad(x, (k - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
+def conv1d_silu(x, weight, bias, reverse=False):
+    """Depthwise causal conv + SiLU over the tokens. x: (B, L, D), weight: (D, K), bias: (D,) -> (B, L, D).
+
+    reverse=True is the anti-causal conv that Vim's backward direction applies (flip, causal conv, flip back), taken
+    directly. Written as K shifted multiply-adds on the channels-last activations rather than F.conv1d, which wants
+    them channels-first: no transposed copies, and torch.compile fuses it all (conv, bias, SiLU) into one kernel.
+    """
+    k, length = weight.shape[-1], x.shape[1]
+    weight, bias = weight.to(x.dtype), bias.to(x.dtype)  # the activations' dtype, as F.conv1d under autocast
+    if reverse:  # y_t = sum_j w_{K-1-j} x_{t+j}
+        x, weight = F.pad(x, (0, 0, 0, k - 1)), weight.flip(-1)
+    else:        # y_t = sum_j w_j x_{t-K+1+j}
+        x = F.pad(x, (0, 0, k - 1, 0))
+    y = bias + weight[:, 0] * x[:, :length]
+    for j in range(1, k):
+        y = y + weight[:, j] * x[:, j:j + length]
     return F.silu(y)
 
 
@@ -53,34 +66,37 @@ class BiMambaMixer(nn.Module):
     def set_kernels(self, scan_backend, use_causal_conv1d):
         self.scan_backend, self.use_causal_conv1d = scan_backend, use_causal_conv1d
 
-    def _conv(self, x, conv):
-        if self.use_causal_conv1d:
+    def _conv(self, x, conv, reverse):
+        """x: (B, L, D_in) -> (B, L, D_in)."""
+        weight = conv.weight.squeeze(1)
+        if self.use_causal_conv1d:  # the causal-conv1d package's kernel; it reads channels-last (B, D, L) views
             from causal_conv1d import causal_conv1d_fn
-            return causal_conv1d_fn(x, conv.weight.squeeze(1), conv.bias, activation="silu")
-        return causal_conv1d_silu_ref(x, conv.weight.squeeze(1), conv.bias)
+            if reverse:
+                return causal_conv1d_fn(x.flip(1).transpose(1, 2), weight, conv.bias, activation="silu") \
+                    .transpose(1, 2).flip(1)
+            return causal_conv1d_fn(x.transpose(1, 2), weight, conv.bias, activation="silu").transpose(1, 2)
+        return conv1d_silu(x, weight, conv.bias, reverse)
 
-    def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D):
-        """One scan direction. x, z: (B, D_in, L) -> (B, D_in, L)."""
-        x = self._conv(x, conv)
-        x_dbl = x_proj(x.transpose(1, 2))                                  # (B, L, R + 2N)
+    def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D, reverse):
+        """One scan direction over x, z: (B, L, D_in) -> (B, D_in, L). The backward direction (reverse) scans the
+        tokens from last to first; its output comes back in the tokens' order."""
+        x = self._conv(x, conv, reverse)
+        x_dbl = x_proj(x)                                                  # (B, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ dt_proj.weight.t()).transpose(1, 2)                     # (B, D_in, L); bias goes in the scan
-        B = B.transpose(1, 2)                                              # (B, N, L)
-        C = C.transpose(1, 2)
+        dt = dt @ dt_proj.weight.t()                                       # (B, L, D_in); bias goes in the scan
         A = -torch.exp(A_log.float())                                      # (D_in, N)
         scan = get_scan_fn(self.scan_backend)
-        if self.scan_backend == "cuda":  # mamba-ssm's kernel wants contiguous inputs in its own dtype
-            x, dt, B, C, z = (t.contiguous() for t in (x, dt, B, C, z))
-        return scan(x, dt, A, B, C, D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True)
+        # (B, L, *) activations go in as (B, *, L) views: the Triton kernel reads them without copies
+        return scan(x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D.float(),
+                    z=z.transpose(1, 2), delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse)
 
     def forward(self, hidden):
         """hidden: (B, L, d_model) -> (B, L, d_model)."""
-        xz = self.in_proj(hidden).transpose(1, 2)                          # (B, 2*D_in, L)
-        x, z = xz.chunk(2, dim=1)
-        y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-        y_b = self._direction(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b,
-                              self.A_b_log, self.D_b)
-        y = (y_f + y_b.flip(-1)) / 2                                       # (B, D_in, L)
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)                       # (B, L, D_in) each
+        y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
+        y_b = self._direction(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
+                              reverse=True)
+        y = (y_f + y_b) / 2                                                # (B, D_in, L)
         return self.out_proj(y.transpose(1, 2))
 
 

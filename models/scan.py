@@ -10,6 +10,9 @@ Every backend has the signature of mamba-ssm's ``selective_scan_fn``:
     y_t    = <C_t, h_t> + D * u_t
     out_t  = y_t * silu(z_t)                         (when z is given)
 
+plus ``reverse``: scan from the last step to the first (the same as flipping every (B, *, L) input along L, scanning
+and flipping the output back). Vim's backward direction uses it.
+
 Backends: ``ref`` (pure PyTorch, runs anywhere), ``cuda`` (mamba-ssm's kernel) and ``triton`` (our kernel
 for short sequences, ``models/scan_triton.py``). ``auto`` takes the fastest one that can run on the device:
 triton on CUDA (then mamba-ssm, then ref), ref on the CPU.
@@ -22,8 +25,10 @@ import torch.nn.functional as F
 SCAN_CHOICES = ("auto", "ref", "cuda", "triton")
 
 
-def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
     """Pure-PyTorch selective scan in fp32; shapes as in the module docstring."""
+    if reverse:
+        return _flipped(selective_scan_ref, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dtype_in = u.dtype
     u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
     if delta_bias is not None:
@@ -43,6 +48,23 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(dtype_in)
+
+
+def _flipped(scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """A reverse scan from a forward one: flip the sequences, scan, flip back."""
+    u, delta, B, C = (t.flip(-1) for t in (u, delta, B, C))
+    z = None if z is None else z.flip(-1)
+    return scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus).flip(-1)
+
+
+def _mamba_ssm_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
+    """mamba-ssm's kernel, which wants contiguous inputs and scans forward only."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    if reverse:
+        return _flipped(_mamba_ssm_scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
+    z = None if z is None else z.contiguous()
+    return selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
 
 
 def mamba_ssm_available():
@@ -77,8 +99,7 @@ def get_scan_fn(backend):
     if backend == "ref":
         return selective_scan_ref
     if backend == "cuda":
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        return selective_scan_fn
+        return _mamba_ssm_scan
     if backend == "triton":
         from models.scan_triton import selective_scan_triton
         return selective_scan_triton

@@ -46,10 +46,13 @@ def test_scan_matches_reference(backend, dtype, length):
         assert err < TOL[dtype]["rtol"] * 10, f"d{name}: max error {err:.2e} of the largest gradient"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,compiled", [
+    pytest.param("cuda", False, marks=pytest.mark.skipif(not HAS_MAMBA, reason="mamba-ssm not installed")),
+    ("triton", False), ("triton", True)])
 @pytest.mark.parametrize("amp", [False, True])
-def test_model_fast_path_matches_reference(backend, amp):
-    """Same weights, same batch: loss and every gradient of the kernel path equal the reference path's."""
+def test_model_fast_path_matches_reference(backend, compiled, amp):
+    """Same weights, same batch: loss and every gradient of the kernel path (eager, or under torch.compile)
+    equal the reference path's."""
     torch.manual_seed(0)
     model = build_model("mamba_tiny", 10, depth=4, drop_path=0.0).cuda()
     x = torch.randn(32, 3, 32, 32, device="cuda")
@@ -58,8 +61,9 @@ def test_model_fast_path_matches_reference(backend, amp):
     for scan, conv in (("ref", False), (backend, HAS_CONV and backend == "cuda")):
         model.set_kernels(scan, conv)
         model.zero_grad()
+        run = torch.compile(model) if compiled and scan != "ref" else model
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(run(x), y)
         loss.backward()
         results.append((loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}))
     (loss_ref, g_ref), (loss_fast, g_fast) = results

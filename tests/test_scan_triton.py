@@ -25,10 +25,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRADS = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias")
 
 
-def _case(B, D, N, L, has_D=True, has_z=True, bias=True, softplus=True, layout="bld", seed=0):
-    opts = "".join(flag for flag, on in (("D", has_D), ("z", has_z), ("b", bias), ("sp", softplus)) if on) or "plain"
+def _case(B, D, N, L, has_D=True, has_z=True, bias=True, softplus=True, layout="bld", seed=0, reverse=False):
+    opts = "".join(flag for flag, on in (("D", has_D), ("z", has_z), ("b", bias), ("sp", softplus),
+                                         ("rev", reverse)) if on) or "plain"
     return dict(id=f"B{B}-D{D}-N{N}-L{L}-{opts}-{layout}", B=B, D=D, N=N, L=L, has_D=has_D, has_z=has_z,
-                bias=bias, softplus=softplus, layout=layout, seed=seed)
+                bias=bias, softplus=softplus, layout=layout, seed=seed, reverse=reverse)
 
 
 # Small cases (the interpreter costs ~60 ms per program and step): L = 1, a partial chunk, several chunks with a
@@ -43,6 +44,8 @@ CASES = [
     _case(1, 8, 16, 33, has_D=False, bias=False, seed=3),
     _case(1, 16, 2, 9, softplus=False, layout="bdl", seed=4),
     _case(1, 32, 16, 12, has_D=False, has_z=False, seed=5),
+    _case(2, 24, 16, 17, seed=6, reverse=True),
+    _case(1, 8, 4, 6, has_D=False, bias=False, layout="bdl", seed=7, reverse=True),
 ]
 # Interpreter launch shapes: small tiles keep the interpreter fast and still give several channel blocks and chunks.
 INTERPRETER_CONFIG = dict(FWD_CONFIG=dict(BLOCK_D=16, BLOCK_L=4, num_warps=1),
@@ -76,12 +79,12 @@ def make_inputs(case, device, dtype=torch.float32):
     )
 
 
-def run_scan(fn, inputs, softplus):
+def run_scan(fn, inputs, softplus, reverse=False):
     """Output and gradients (None for absent inputs) of one scan function."""
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
     leaves = {k: inputs[k].detach().clone().requires_grad_() for k in names if inputs[k] is not None}
     out = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves.get("D"),
-             z=leaves.get("z"), delta_bias=leaves.get("delta_bias"), delta_softplus=softplus)
+             z=leaves.get("z"), delta_bias=leaves.get("delta_bias"), delta_softplus=softplus, reverse=reverse)
     grads = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), inputs["dout"])))
     return dict(out=out, **{"d" + k: grads.get(k) for k in names})
 
@@ -104,13 +107,34 @@ def compare(got, want):
 def check_case(case, device, dtype, tol):
     from models.scan_triton import selective_scan_triton
     inputs = make_inputs(case, device, dtype)
-    got = run_scan(selective_scan_triton, inputs, case["softplus"])
-    want = run_scan(selective_scan_ref, inputs, case["softplus"])
+    got = run_scan(selective_scan_triton, inputs, case["softplus"], case["reverse"])
+    want = run_scan(selective_scan_ref, inputs, case["softplus"], case["reverse"])
     errors = compare(got, want)
     bad = {k: v for k, v in errors.items() if not v <= tol}
     assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
     # the output is stored like u: channels contiguous for the model's transposed views
     assert (got["out"].stride(1) == 1) == (inputs["u"].stride(1) == 1)
+
+
+def check_model(compiled):
+    """A small Vim: loss and every gradient with the Triton scan (optionally under torch.compile, where the scan is
+    an opaque custom operator and the conv, SiLU and the rest are fused) equal the reference path's."""
+    from models.vim import build_model
+    torch.manual_seed(0)
+    model = build_model("mamba_tiny", 10, embed_dim=16, depth=2, patch_size=8, drop_path=0.0)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    results = []
+    for scan in ("ref", "triton"):
+        model.set_kernels(scan, False)
+        model.zero_grad()
+        run = torch.compile(model) if (compiled and scan == "triton") else model
+        loss = torch.nn.functional.cross_entropy(run(x), y)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_ref, g_ref), (loss_fast, g_fast) = results
+    torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-5, atol=1e-6)
+    for n in g_ref:
+        torch.testing.assert_close(g_fast[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
 
 
 # ---------------------------------------------------------------- CPU, under Triton's interpreter (child process)
@@ -122,12 +146,14 @@ def _child_main(out_path):
     for name, cfg in INTERPRETER_CONFIG.items():
         setattr(st, name, cfg)
     results = {}
-    for case in CASES:
+    checks = [(case["id"], lambda case=case: check_case(case, "cpu", torch.float32, tol=1e-4)) for case in CASES]
+    checks += [("model_eager", lambda: check_model(compiled=False)), ("model_compiled", lambda: check_model(True))]
+    for name, check in checks:
         try:
-            check_case(case, "cpu", torch.float32, tol=1e-4)
-            results[case["id"]] = None
-        except Exception:  # reported by the case's test in the parent
-            results[case["id"]] = traceback.format_exc()
+            check()
+            results[name] = None
+        except Exception:  # reported by the check's test in the parent
+            results[name] = traceback.format_exc()
     with open(out_path, "w") as f:
         json.dump(results, f)
 
@@ -141,7 +167,7 @@ def interpreted_results(tmp_path_factory):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get(
         "PYTHONPATH")])))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and out.exists(), f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
     return json.loads(out.read_text())
 
@@ -152,10 +178,16 @@ def test_interpreted_matches_reference(case, interpreted_results):
     assert failure is None, failure
 
 
+@pytest.mark.parametrize("check", ["model_eager", "model_compiled"])
+def test_interpreted_model_matches_reference(check, interpreted_results):
+    failure = interpreted_results[check]
+    assert failure is None, failure
+
+
 # ---------------------------------------------------------------- GPU, compiled
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-MODEL_CASES = [_case(64, 768, 16, L, seed=10 + L) for L in (65, 257)]
+MODEL_CASES = [_case(64, 768, 16, L, seed=10 + L) for L in (65, 257)] + [_case(64, 768, 16, 65, seed=9, reverse=True)]
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 
 
@@ -179,11 +211,12 @@ def test_gpu_model_shapes_match_reference(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", MODEL_CASES, ids=[c["id"] for c in MODEL_CASES])
 def test_gpu_model_shapes_match_mamba_ssm(case, dtype):
-    interface = pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
+    pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
+    from models.scan import get_scan_fn
     from models.scan_triton import selective_scan_triton
     inputs = make_inputs(case, "cuda", dtype)
-    errors = compare(run_scan(selective_scan_triton, inputs, case["softplus"]),
-                     run_scan(interface.selective_scan_fn, inputs, case["softplus"]))
+    errors = compare(run_scan(selective_scan_triton, inputs, case["softplus"], case["reverse"]),
+                     run_scan(get_scan_fn("cuda"), inputs, case["softplus"], case["reverse"]))
     bad = {k: v for k, v in errors.items() if not v <= TOL[dtype]}
     assert not bad, f"relative errors above {TOL[dtype]}: {bad} (all: {errors})"
 
