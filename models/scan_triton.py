@@ -18,7 +18,7 @@ block, an (N, channels) fp32 tile, stays in registers; nothing of size B*D*L*N i
 
 Backward, per program, with nothing saved by the forward but its inputs:
   pass 1  runs the recurrence forward and writes the state at the end of every chunk of BLOCK_L steps to an fp32
-          scratch of B*D*N*(L/BLOCK_L) values (8x the bytes of a bf16 (B, D, L) tensor at BLOCK_L = 4, N = 16), freed
+          scratch of B*D*N*(L/BLOCK_L) values (16x the bytes of a bf16 (B, D, L) tensor at BLOCK_L = 2, N = 16), freed
           when the backward returns;
   pass 2  walks the chunks from last to first. It recomputes the chunk's states from the saved boundary state, keeping
           them in registers, then steps back through the chunk with the adjoint state
@@ -36,26 +36,37 @@ states of a chunk in registers (a tuple; the loop over the chunk's steps is unro
 the way back rather than keeping it: the exp unit has room there, the register file has not.
 """
 import contextlib
+from typing import List, Optional
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 
 # Launch shapes; a benchmark may overwrite these. A program covers BLOCK_D channels and runs BLOCK_L steps per loop
 # iteration; the backward's chunks, and so its scratch of boundary states (1/BLOCK_L of all states, fp32), are BLOCK_L
-# steps long. Triton derives the register layout from the coalesced load of the (N, BLOCK_D) tile of A: four
-# consecutive channels per thread, lanes over the rest of the channels and then over the states. With BLOCK_D = 32 and
-# one warp that is 4 channels x 4 states per thread, lanes over 8 channel groups x 4 state groups, so sums over either
-# axis are mostly in-thread. More warps at this BLOCK_D would split the states across warps (sums through shared
-# memory); the backward at BLOCK_L = 4 uses ~250 registers (sm_90, Triton 3.6), BLOCK_L = 8 spills.
-FWD_CONFIG = dict(BLOCK_D=32, BLOCK_L=8, num_warps=1)
-BWD_CONFIG = dict(BLOCK_D=32, BLOCK_L=4, num_warps=1)
+# steps long. Triton derives the register layout from the coalesced load of the (N, BLOCK_D) tile of A: consecutive
+# channels per thread, lanes over the rest of the channels and then over the states, so sums over either axis are
+# mostly in-thread; more warps would split the states across warps (sums through shared memory).
+# Chosen by `python tools/benchmark.py --scan_sweep --batch_sizes 1024` on an H200 (D=768, N=16, 65 tokens, bf16,
+# both directions): forward 1.16 ms at (64, 4, 1 warp) against 1.43 ms at the earlier (32, 8, 1); backward 7.82 ms at
+# (64, 2, 1) against 8.98 ms at (32, 4, 1). Shorter backward chunks keep fewer recomputed states in registers.
+FWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=4, num_warps=1)
+BWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=2, num_warps=1)
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 
 @triton.jit
 def _load(ptr, offs, mask):
     return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _position(t, L, REVERSE: tl.constexpr):
+    """Where the scan's t-th step lies in memory: t, or L-1-t when the sequence is scanned from its end."""
+    if REVERSE:
+        return L - 1 - t
+    return t
 
 
 @triton.jit
@@ -83,7 +94,7 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_
                 s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
                 s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr):
+                REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_b = tl.program_id(1).to(tl.int64)  # 64-bit batch offsets: B*L*D can pass 2**31
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -107,20 +118,21 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_
     for l0 in range(0, L, BLOCK_L):
         for k in tl.static_range(BLOCK_L):  # unrolled so that the loads of BLOCK_L steps are in flight together
             t = l0 + k
+            p = _position(t, L, REVERSE)
             m_d = mask_d & (t < L)
             m_n = mask_n & (t < L)
-            u = _load(u_ptr, t * s_ul + offs_d * s_ud, m_d)
-            dt, _ = _load_delta(dt_ptr, t * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
-            Bt = _load(B_ptr, t * s_Bl + offs_n * s_Bn, m_n)
-            Ct = _load(C_ptr, t * s_Cl + offs_n * s_Cn, m_n)
+            u = _load(u_ptr, p * s_ul + offs_d * s_ud, m_d)
+            dt, _ = _load_delta(dt_ptr, p * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
+            Bt = _load(B_ptr, p * s_Bl + offs_n * s_Bn, m_n)
+            Ct = _load(C_ptr, p * s_Cl + offs_n * s_Cn, m_n)
             h = tl.exp2((dt * LOG2E)[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
             y = tl.sum(h * Ct[:, None], axis=0)
             if HAS_D:
                 y += Dv * u
             if HAS_Z:
-                z = _load(z_ptr, t * s_zl + offs_d * s_zd, m_d)
+                z = _load(z_ptr, p * s_zl + offs_d * s_zd, m_d)
                 y = y * z * tl.sigmoid(z)
-            tl.store(out_ptr + t * s_ol + offs_d * s_od, y.to(out_ptr.dtype.element_ty), mask=m_d)
+            tl.store(out_ptr + p * s_ol + offs_d * s_od, y.to(out_ptr.dtype.element_ty), mask=m_d)
 
 
 @triton.jit
@@ -131,7 +143,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
                 s_dub, s_dud, s_dul, s_dtb, s_dtd, s_dtl, s_dzb, s_dzd, s_dzl,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr):
+                REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -166,10 +178,10 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
     h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for c in range(0, n_chunks - 1):
         for k in tl.static_range(BLOCK_L):
-            t = c * BLOCK_L + k
-            u = _load(u_ptr, t * s_ul + offs_d * s_ud, mask_d)
-            dt, _ = _load_delta(dt_ptr, t * s_tl + offs_d * s_td, mask_d, bias, SOFTPLUS)
-            Bt = _load(B_ptr, t * s_Bl + offs_n * s_Bn, mask_n)
+            p = _position(c * BLOCK_L + k, L, REVERSE)
+            u = _load(u_ptr, p * s_ul + offs_d * s_ud, mask_d)
+            dt, _ = _load_delta(dt_ptr, p * s_tl + offs_d * s_td, mask_d, bias, SOFTPLUS)
+            Bt = _load(B_ptr, p * s_Bl + offs_n * s_Bn, mask_n)
             h = tl.exp2((dt * LOG2E)[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
         tl.store(ck_ptr + c * (BLOCK_N * BLOCK_D) + ck_tile, h)
 
@@ -187,29 +199,31 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
         h_cur = ()
         for k in tl.static_range(BLOCK_L):
             t = c * BLOCK_L + k
+            p = _position(t, L, REVERSE)
             m_d = mask_d & (t < L)
-            u = _load(u_ptr, t * s_ul + offs_d * s_ud, m_d)
-            dt, _ = _load_delta(dt_ptr, t * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
-            Bt = _load(B_ptr, t * s_Bl + offs_n * s_Bn, mask_n & (t < L))
+            u = _load(u_ptr, p * s_ul + offs_d * s_ud, m_d)
+            dt, _ = _load_delta(dt_ptr, p * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
+            Bt = _load(B_ptr, p * s_Bl + offs_n * s_Bn, mask_n & (t < L))
             h_prev = h_prev + (h,)
             h = tl.exp2((dt * LOG2E)[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
             h_cur = h_cur + (h,)
         # Step back through the chunk with the adjoint state g.
         for k in tl.static_range(BLOCK_L - 1, -1, -1):
             t = c * BLOCK_L + k
+            p = _position(t, L, REVERSE)
             m_d = mask_d & (t < L)
             m_n = mask_n & (t < L)
-            u = _load(u_ptr, t * s_ul + offs_d * s_ud, m_d)
-            dt, dt_raw = _load_delta(dt_ptr, t * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
-            Bt = _load(B_ptr, t * s_Bl + offs_n * s_Bn, m_n)
-            Ct = _load(C_ptr, t * s_Cl + offs_n * s_Cn, m_n)
-            dy = _load(dout_ptr, t * s_ol + offs_d * s_od, m_d)
+            u = _load(u_ptr, p * s_ul + offs_d * s_ud, m_d)
+            dt, dt_raw = _load_delta(dt_ptr, p * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
+            Bt = _load(B_ptr, p * s_Bl + offs_n * s_Bn, m_n)
+            Ct = _load(C_ptr, p * s_Cl + offs_n * s_Cn, m_n)
+            dy = _load(dout_ptr, p * s_ol + offs_d * s_od, m_d)
             if HAS_Z:
-                z = _load(z_ptr, t * s_zl + offs_d * s_zd, m_d)
+                z = _load(z_ptr, p * s_zl + offs_d * s_zd, m_d)
                 y = tl.sum(h_cur[k] * Ct[:, None], axis=0) + Dv * u
                 sz = tl.sigmoid(z)
                 dz = dy * y * sz * (1.0 + z * (1.0 - sz))
-                tl.store(dz_ptr + t * s_dzl + offs_d * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
+                tl.store(dz_ptr + p * s_dzl + offs_d * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
                 dy = dy * z * sz
             g = Ct[:, None] * dy[None, :] + q                 # g_t = C_t*dy_t + a_{t+1}*g_{t+1}
             q = tl.exp2((dt * LOG2E)[None, :] * A) * g        # a_t*g_t, passed back to step t-1
@@ -224,11 +238,11 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 ddt = ddt * tl.sigmoid(dt_raw)               # softplus'(x) = sigmoid(x) (and 1 above 20)
             ddt = tl.where(m_d, ddt, 0.0)
             dbias_acc += ddt
-            tl.store(du_ptr + t * s_dul + offs_d * s_dud, du.to(du_ptr.dtype.element_ty), mask=m_d)
-            tl.store(ddt_ptr + t * s_dtl + offs_d * s_dtd, ddt.to(ddt_ptr.dtype.element_ty), mask=m_d)
+            tl.store(du_ptr + p * s_dul + offs_d * s_dud, du.to(du_ptr.dtype.element_ty), mask=m_d)
+            tl.store(ddt_ptr + p * s_dtl + offs_d * s_dtd, ddt.to(ddt_ptr.dtype.element_ty), mask=m_d)
             # sums over this program's channels; the other channel blocks add into the same (b, t, n) entries
-            tl.atomic_add(dB_ptr + t * N + offs_n, tl.sum(g * (dt * u)[None, :], axis=1), mask=m_n, sem="relaxed")
-            tl.atomic_add(dC_ptr + t * N + offs_n, tl.sum(h_cur[k] * dy[None, :], axis=1), mask=m_n, sem="relaxed")
+            tl.atomic_add(dB_ptr + p * N + offs_n, tl.sum(g * (dt * u)[None, :], axis=1), mask=m_n, sem="relaxed")
+            tl.atomic_add(dC_ptr + p * N + offs_n, tl.sum(h_cur[k] * dy[None, :], axis=1), mask=m_n, sem="relaxed")
 
     # per-batch partial sums, reduced over the batch by torch
     tl.store(dA_ptr + pid_b * N * Dim + offs_n[:, None] * Dim + offs_d[None, :], dA_acc, mask=mask_nd)
@@ -258,12 +272,12 @@ def _launch(cfg, Dim, L, N):
                 BLOCK_N=triton.next_power_of_2(N), num_warps=cfg["num_warps"])
 
 
-def _flags(D, z, delta_bias, delta_softplus):
+def _flags(D, z, delta_bias, delta_softplus, reverse):
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                SOFTPLUS=bool(delta_softplus))
+                SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse))
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
     Bsz, Dim, L = u.shape
     out = _empty_like_bdl(u)
     At = _channels_contiguous(A)
@@ -274,11 +288,12 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         u, delta, At, B, C, D if D is not None else u, z if z is not None else u,
         delta_bias if delta_bias is not None else u, out,
         Dim, L, A.shape[1], *u.stride(), *delta.stride(), *At.stride(), *B.stride(), *C.stride(), *z_strides,
-        *out.stride(), **_flags(D, z, delta_bias, delta_softplus), **meta)
+        *out.stride(), **_flags(D, z, delta_bias, delta_softplus, reverse), **meta)
     return out
 
 
-def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    """-> du, ddelta, dA, dB, dC, dD, dz, ddelta_bias; None for an absent input. Layouts as ``_grad_layouts``."""
     Bsz, Dim, L = u.shape
     N = A.shape[1]
     meta = _launch(BWD_CONFIG, Dim, L, N)
@@ -301,35 +316,76 @@ def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, dbias, ck,
         Dim, L, N, *u.stride(), *delta.stride(), *At.stride(), *B.stride(), *C.stride(), *z_strides,
         *dout.stride(), *du.stride(), *ddelta.stride(), *(dz.stride() if dz is not None else (0, 0, 0)),
-        **_flags(D, z, delta_bias, delta_softplus), **meta)
-    dA = dA.sum(0).t().to(A.dtype)
-    dB = dB.transpose(1, 2).to(B.dtype)  # (B, N, L)
-    dC = dC.transpose(1, 2).to(C.dtype)
+        **_flags(D, z, delta_bias, delta_softplus, reverse), **meta)
+    dA = dA.sum(0).t().contiguous().to(A.dtype)
+    dB = dB.transpose(1, 2).contiguous().to(B.dtype)  # (B, N, L)
+    dC = dC.transpose(1, 2).contiguous().to(C.dtype)
     dD = dD.sum(0).to(D.dtype) if D is not None else None
     dbias = dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
-class _SelectiveScanTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():  # CPU: interpreter
-            out = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        ctx.delta_softplus = delta_softplus
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():  # CPU: interpreter
-            grads = _backward(dout, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus)
-        return (*grads, None)
+def _grad_layouts(u, delta, A, B, C, D, z, delta_bias):
+    """Empty tensors shaped, typed and strided like ``_backward``'s results (for torch.compile's tracing)."""
+    return (_empty_like_bdl(u), _empty_like_bdl(delta), torch.empty_like(A, memory_format=torch.contiguous_format),
+            torch.empty_like(B, memory_format=torch.contiguous_format),
+            torch.empty_like(C, memory_format=torch.contiguous_format),
+            None if D is None else torch.empty_like(D), None if z is None else _empty_like_bdl(z),
+            None if delta_bias is None else torch.empty_like(delta_bias))
 
 
-def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def _device(u):
+    return torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext()  # CPU: the interpreter
+
+
+# The kernels are registered as two custom operators with an autograd formula, so that torch.compile treats each as
+# one opaque call and fuses the elementwise work around it, rather than breaking its graph at every layer.
+@torch.library.custom_op("vim::selective_scan_fwd", mutates_args=())
+def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+              delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool) -> Tensor:
+    with _device(u):
+        return _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+
+
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    return _empty_like_bdl(u)
+
+
+# A custom operator returns tensors, not None: an absent input's gradient travels as an empty tensor.
+@torch.library.custom_op("vim::selective_scan_bwd", mutates_args=())
+def _scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+              z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool) -> List[Tensor]:
+    with _device(u):
+        grads = _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    return [u.new_empty(0) if g is None else g for g in grads]
+
+
+@_scan_bwd.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    return [u.new_empty(0) if g is None else g for g in _grad_layouts(u, delta, A, B, C, D, z, delta_bias)]
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, ctx.delta_softplus, ctx.reverse = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _scan_backward(ctx, dout):
+    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+    grads = _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.reverse)
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    return (*(None if x is None else g for g, x in zip(grads, inputs)), None, None)
+
+
+_scan_fwd.register_autograd(_scan_backward, setup_context=_setup_context)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
     """Selective scan with mamba-ssm's ``selective_scan_fn`` signature; shapes and semantics in the module docstring.
 
+    ``reverse=True`` scans from the last step to the first (the result equals flipping every (B, *, L) input along
+    L, scanning, and flipping the output back) without moving any data.
     Differentiable w.r.t. u, delta, A, B, C, D, z and delta_bias. Returns (B, D, L) in u's dtype, stored
     (B, L, D)-contiguous when u's channels are contiguous (a ``.transpose(1, 2)`` view), else contiguous.
     """
@@ -345,4 +401,4 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         raise ValueError(f"D and delta_bias must be ({Dim},)")
     if Bsz > 65535:  # the batch is the second grid axis
         raise ValueError(f"batch {Bsz} is above 65535; split it")
-    return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse))

@@ -17,3 +17,13 @@ def test_needs_a_gpu_without_cpu_smoke(capsys):
         return
     assert benchmark.main(["--archs", "mamba_tiny"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_scan_timings_need_a_gpu(capsys):
+    import pytest
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    for flags in (["--scan_only", "triton"], ["--scan_sweep"]):
+        assert benchmark.main(flags) == 2
+        assert "need a CUDA GPU" in capsys.readouterr().err

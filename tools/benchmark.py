@@ -75,7 +75,7 @@ def run_row(kind, arch, width, depth, patch, batch, args, device):
         else:
             model = build_model(arch, 10, embed_dim=width, depth=depth, patch_size=patch).to(device)
             scan = resolve_scan(args.scan, device)
-            conv = device.type == "cuda" and scan != "ref" and causal_conv1d_available()
+            conv = device.type == "cuda" and scan != "ref" and causal_conv1d_available() and not args.compile
             model.set_kernels(scan, conv)
             row.update(scan=scan, causal_conv1d=conv, compiled=args.compile)
             ips, peak = time_steps(model, device, batch, args.steps, args.warmup, amp, compile_model=args.compile)
@@ -91,41 +91,89 @@ def run_row(kind, arch, width, depth, patch, batch, args, device):
     return row
 
 
+def _scan_inputs(batch, length, dim, state):
+    """bf16 (B, L, D)-stored activations as (B, D, L) views, like the model's; fp32 parameters."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    u, dt, z = (r(batch, length, dim).bfloat16().transpose(1, 2).requires_grad_() for _ in range(3))
+    A, D, bias = -torch.rand(dim, state, device="cuda") - 0.5, r(dim), r(dim) * 0.1
+    B, C = (r(batch, length, state).bfloat16().transpose(1, 2).requires_grad_() for _ in range(2))
+    return u, dt, A, B, C, D, z, bias
+
+
+def _cuda_ms(fn, reps, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _time_scan(fn, inputs, reps):
+    """-> (forward ms, forward+backward ms) of both directions (the second a reverse scan, as in the model)."""
+    u, dt, A, B, C, D, z, bias = inputs
+
+    def fwd():
+        return [fn(u, dt, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True, reverse=rev) for rev in (False, True)]
+
+    def fwd_bwd():
+        sum(o.float().sum() for o in fwd()).backward()
+
+    with torch.no_grad():
+        ms_fwd = _cuda_ms(fwd, reps)
+    return ms_fwd, _cuda_ms(fwd_bwd, reps)
+
+
 def scan_bench(backends, batch_sizes, dim=768, state=16, lengths=(65, 257), reps=20):
-    """The selective scan alone, fwd+bwd of both directions (two calls), bf16 inputs like training's.
-    -> rows of dict(backend, batch, length, ms)."""
+    """The selective scan alone, both directions, bf16 inputs like training's.
+    -> rows of dict(backend, batch, length, dim, fwd_ms, ms) where ms is forward+backward."""
     from models.scan import get_scan_fn
     rows = []
     for length in lengths:
         for batch in batch_sizes:
-            g = torch.Generator(device="cuda").manual_seed(0)
-            r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
-            u, dt, z = (r(batch, length, dim).bfloat16().transpose(1, 2).requires_grad_() for _ in range(3))
-            A, D, bias = -torch.rand(dim, state, device="cuda") - 0.5, r(dim), r(dim) * 0.1
-            B, C = (r(batch, length, state).bfloat16().transpose(1, 2).requires_grad_() for _ in range(2))
+            inputs = _scan_inputs(batch, length, dim, state)
             for backend in backends:
-                fn = get_scan_fn(backend)
-
-                def once():
-                    outs = [fn(u, dt, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True) for _ in range(2)]
-                    sum(o.float().sum() for o in outs).backward()
                 try:
-                    for _ in range(3):
-                        once()
-                    torch.cuda.synchronize()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(reps):
-                        once()
-                    end.record()
-                    torch.cuda.synchronize()
-                    ms = start.elapsed_time(end) / reps
+                    ms_fwd, ms = _time_scan(get_scan_fn(backend), inputs, reps)
                 except Exception as e:
-                    ms = None
+                    ms_fwd = ms = None
                     print(f"  scan {backend} failed: {type(e).__name__}: {str(e)[:200]}")
-                rows.append(dict(backend=backend, batch=batch, length=length, dim=dim, ms=ms))
+                rows.append(dict(backend=backend, batch=batch, length=length, dim=dim, fwd_ms=ms_fwd, ms=ms))
                 print(f"scan {backend:<7} batch {batch:>5} L {length:>4} D {dim}: "
-                      f"{'-' if ms is None else f'{ms:.2f} ms'} fwd+bwd, both directions", flush=True)
+                      f"{'-' if ms is None else f'{ms_fwd:.2f} ms fwd, {ms:.2f} ms fwd+bwd'}, both directions",
+                      flush=True)
+    return rows
+
+
+def scan_sweep(batch_sizes, dim=768, state=16, lengths=(65,), reps=20):
+    """Launch shapes of the Triton scan (block of channels, steps per iteration, warps), forward and backward
+    separately; the fastest go into models/scan_triton.py's FWD_CONFIG and BWD_CONFIG. -> rows."""
+    import itertools
+    import models.scan_triton as st
+    default_fwd, default_bwd = dict(st.FWD_CONFIG), dict(st.BWD_CONFIG)
+    rows = []
+    for length, batch in itertools.product(lengths, batch_sizes):
+        inputs = _scan_inputs(batch, length, dim, state)
+        for kind, grid in (("fwd", itertools.product((16, 32, 64), (4, 8), (1, 2))),
+                           ("bwd", itertools.product((16, 32, 64), (2, 4), (1, 2)))):
+            for block_d, block_l, warps in grid:
+                cfg = dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
+                st.FWD_CONFIG, st.BWD_CONFIG = (cfg, default_bwd) if kind == "fwd" else (default_fwd, cfg)
+                try:
+                    ms_fwd, ms = _time_scan(st.selective_scan_triton, inputs, reps)
+                    ms_kind = ms_fwd if kind == "fwd" else ms - ms_fwd
+                except Exception as e:
+                    ms_kind = None
+                    print(f"  {kind} {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
+                rows.append(dict(kind=kind, batch=batch, length=length, dim=dim, **cfg, ms=ms_kind))
+                print(f"sweep {kind} batch {batch:>5} L {length:>4} BLOCK_D {block_d:>3} BLOCK_L {block_l:>3} "
+                      f"warps {warps}: {'-' if ms_kind is None else f'{ms_kind:.2f} ms'}", flush=True)
+    st.FWD_CONFIG, st.BWD_CONFIG = default_fwd, default_bwd
     return rows
 
 
@@ -144,12 +192,15 @@ def main(argv=None):
     p.add_argument("--cpu_smoke", action="store_true", help="tiny shapes on the CPU (CI)")
     p.add_argument("--scan_only", nargs="*", default=None, metavar="BACKEND",
                    help="time only the selective scan (fwd+bwd, both directions, D=768) for these backends")
+    p.add_argument("--scan_sweep", action="store_true",
+                   help="time the Triton scan's launch shapes (forward and backward) at 65 tokens")
     args = p.parse_args(argv)
-    if args.scan_only is not None:
+    if args.scan_only is not None or args.scan_sweep:
         if not torch.cuda.is_available():
-            print("benchmark.py: error: --scan_only needs a CUDA GPU", file=sys.stderr)
+            print("benchmark.py: error: --scan_only and --scan_sweep need a CUDA GPU", file=sys.stderr)
             return 2
-        rows = scan_bench(args.scan_only or ["cuda", "triton"], args.batch_sizes)
+        rows = scan_sweep(args.batch_sizes) if args.scan_sweep else \
+            scan_bench(args.scan_only or ["cuda", "triton"], args.batch_sizes)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": {"device": torch.cuda.get_device_name()}, "scan_rows": rows}, f, indent=1)

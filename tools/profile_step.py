@@ -30,7 +30,7 @@ def main(argv=None):
     device = torch.device("cuda")
     model = build_model(args.arch, 10, patch_size=args.patch_size).to(device)
     scan = resolve_scan(args.scan, device)
-    model.set_kernels(scan, scan != "ref" and causal_conv1d_available())
+    model.set_kernels(scan, scan != "ref" and causal_conv1d_available() and not args.compile)
     opt = build_optimizer(model, 1e-3, 0.05, device)
     mean, std = MEAN_STD["cifar10"]
     step = TrainStep(model, opt, num_classes=10, mean=mean, std=std, amp=True,

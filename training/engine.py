@@ -163,7 +163,10 @@ class Run:
                                  patch_size=cfg.patch_size, img_size=cfg.input_size, drop_path=cfg.drop_path,
                                  **self.pretrained_shape).to(device)
         self.scan = resolve_scan(cfg.scan, device)
-        self.causal_conv = device.type == "cuda" and self.scan != "ref" and causal_conv1d_available()
+        # causal-conv1d's kernel when installed, except under torch.compile, which fuses our PyTorch conv (and its
+        # SiLU) with the ops around it and would break its graph at the package's kernel
+        self.causal_conv = device.type == "cuda" and self.scan != "ref" and causal_conv1d_available() and \
+            not cfg.compile
         self.model.set_kernels(self.scan, self.causal_conv)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, device)
         self.pos = Position()
@@ -235,7 +238,7 @@ class Run:
         self.log.info(f"model: {cfg.arch} {n_params:,} parameters, {self.model.cfg.num_patches + 1} tokens "
                       f"(patch {cfg.patch_size}), width {self.model.cfg.embed_dim}, depth {self.model.cfg.depth}")
         self.log.info(f"device: {gpu} x{self.world} | scan kernel: {self.scan} | causal-conv1d: "
-                      f"{'yes' if self.causal_conv else 'no (PyTorch conv1d)'} | precision: "
+                      f"{'yes' if self.causal_conv else 'no (PyTorch)'} | precision: "
                       f"{'bf16 autocast' if self.amp else 'fp32'}{' | torch.compile' if cfg.compile else ''}")
         self.log.info(f"data: {len(self.train_data)} train / {len(self.test_data)} test images | global batch "
                       f"{step_batch} = {cfg.batch_size} x {cfg.accum_steps} accum x {self.world} process(es) | "
