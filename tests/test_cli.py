@@ -265,9 +265,10 @@ def test_cifar100_run(tmp_path, cifar100_dir):
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, cifar10_dir):
-    """2 epochs straight == epoch 1, then --resume auto from its checkpoint: same weights, optimizer state and
-    metrics (except timings). The full default recipe, so every random draw must line up."""
-    common = ["--epochs", "2", "--warmup_epochs", "1", "--train_subset", "16", "--test_subset", "8"]
+    """2 epochs straight == epoch 1, then --resume auto from its checkpoint: same weights, EMA weights, optimizer
+    state and metrics (except timings). The full default recipe, so every random draw must line up."""
+    common = ["--epochs", "2", "--warmup_epochs", "1", "--train_subset", "16", "--test_subset", "8",
+              "--model_ema", "--model_ema_decay", "0.9"]
     full = run(tmp_path / "full", cifar10_dir, *common, "--save_freq", "1")
     part = tmp_path / "part"
     (part / "ckpt").mkdir(parents=True)
@@ -276,6 +277,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, cifar10_dir):
     assert "resumed from" in resumed.log()
     a, b = full.ckpt(), resumed.ckpt()
     assert_same_weights(a["model"], b["model"])
+    assert_same_weights(a["model_ema"], b["model_ema"])
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert sa.keys() == sb.keys()
     for k in sa:

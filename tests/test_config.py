@@ -18,7 +18,7 @@ SPEC_DEFAULTS = dict(
     embed_dim=None, depth=None, patch_size=4, drop_path=0.1, scan="auto", accum_steps=1, clip_grad=0.0,
     min_lr=1e-5, warmup_lr=1e-6, eval_batch_size=1024, seed=0, device="auto", precision="auto", max_bad_steps=20,
     deterministic=False, compile=False, use_crop=True, use_flip=True, num_workers=0, train_subset=0,
-    test_subset=0, resume=None, save_every_minutes=0.0, no_progress=False,
+    test_subset=0, resume=None, save_every_minutes=0.0, no_progress=False, model_ema=False, model_ema_decay=0.9999,
 )
 
 
@@ -51,14 +51,15 @@ EVERY_FLAG = {
     "--data_dir": ("/tmp/d", "/tmp/d"), "--num_workers": ("2", 2), "--train_subset": ("100", 100),
     "--test_subset": ("50", 50), "--resume": ("auto", "auto"), "--save_freq": ("10", 10),
     "--save_every_minutes": ("1.5", 1.5), "--log_dir": ("/tmp/l", "/tmp/l"), "--run_id": ("abc", "abc"),
-    "--input_size": ("64", 64),
+    "--input_size": ("64", 64), "--model_ema_decay": ("0.999", 0.999),
 }
 # --pretrained is parsed here; its effect (and its refusals) are tested in test_finetune_cli.py.
 PRETRAINED = {"--pretrained": ("/tmp/vim.pth", "/tmp/vim.pth")}
 SWITCHES = ("use_randaugment", "use_mixup", "use_cutmix", "use_crop", "use_flip")  # on by default
 SWITCHES_OFF = {f"--no_{s}": s for s in SWITCHES}
 SWITCHES_ON = {f"--{s}": s for s in SWITCHES}
-FLAGS_ON = {"--deterministic": "deterministic", "--no_progress": "no_progress", "--compile": "compile"}
+FLAGS_ON = {"--deterministic": "deterministic", "--no_progress": "no_progress", "--compile": "compile",
+            "--model_ema": "model_ema"}
 
 
 def test_every_flag_parses_to_its_field():
@@ -151,6 +152,11 @@ BAD = {
     "negative gpu": ["--gpu", "-1"],
     "negative workers": ["--num_workers", "-1"],
     "negative save minutes": ["--save_every_minutes", "-1"],
+    "ema decay 1": ["--model_ema", "--model_ema_decay", "1"],
+    "ema decay 0": ["--model_ema_decay", "0"],
+    "ema decay above 1": ["--model_ema", "--model_ema_decay", "1.5"],
+    "negative ema decay": ["--model_ema_decay", "-0.5"],
+    "ema decay nan": ["--model_ema_decay", "nan"],
 }
 
 
@@ -165,7 +171,8 @@ def test_bad_input_raises_usage_error(argv):
 def test_error_messages_name_the_problem():
     cases = {("--dataset", "imagenet"): "imagenet", ("--arch", "resnet50"): "resnet50", ("--epochs", "0"): "--epochs",
              ("--batch_size", "7"): "--batch_size", ("--learning_rate", "1"): "--learning_rate",
-             ("--patch_size", "3"): "--patch_size", ("--scan", "fast"): "--scan"}
+             ("--patch_size", "3"): "--patch_size", ("--scan", "fast"): "--scan",
+             ("--model_ema_decay", "1"): "--model_ema_decay"}
     for argv, needle in cases.items():
         with pytest.raises(UsageError, match=needle):
             parse_config(list(argv))
@@ -186,6 +193,7 @@ CLI_BAD = {  # one per kind of check: the parser, the validation, the run's own 
     "unknown flag": ["--bogus"],
     "warmup >= epochs": ["--epochs", "3"],
     "scan backend the CPU cannot run": ["--device", "cpu", "--scan", "cuda", "--batch_size", "8"],
+    "EMA decay of 1": ["--model_ema", "--model_ema_decay", "1"],
 }
 
 

@@ -37,6 +37,8 @@ RUNNER = textwrap.dedent("""
         print("STOPPED", type(e).__name__, run.pos.epoch, run.pos.step_in_epoch)
         sys.exit(0)
     torch.save(run.model.state_dict(), os.path.join({out!r}, f"rank{{run.rank}}_of_{{run.world}}.pt"))
+    if run.ema is not None:
+        torch.save(run.ema.module.state_dict(), os.path.join({out!r}, f"ema_rank{{run.rank}}_of_{{run.world}}.pt"))
     print("LOG", run.log.log_path if run.is_main else "")
 """)
 
@@ -55,25 +57,32 @@ def run_procs(tmp_path, nproc, args, **env_extra):
 
 @pytest.mark.slow
 def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path):
+    """Weights and (--model_ema) the EMA each rank keeps for itself, without communication."""
     data = make_cifar(str(tmp_path / "data"), n_train=64, n_test=16)
-    args = tiny_args(tmp_path, data, *DETERMINISTIC)
+    args = tiny_args(tmp_path, data, *DETERMINISTIC, "--model_ema", "--model_ema_decay", "0.9")
     ddp_args = [a if a != "8" or args[i - 1] != "--batch_size" else "4" for i, a in enumerate(args)]
     out = run_procs(tmp_path, 2, ddp_args)  # 2 ranks x batch 4
     r0 = torch.load(tmp_path / "rank0_of_2.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1_of_2.pt", weights_only=True)
+    e0 = torch.load(tmp_path / "ema_rank0_of_2.pt", weights_only=True)
+    e1 = torch.load(tmp_path / "ema_rank1_of_2.pt", weights_only=True)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"ranks differ in {k}"
+        assert torch.equal(e0[k], e1[k]), f"ranks' EMAs differ in {k}"
+    assert any(not torch.equal(e0[k], r0[k]) for k in r0)
     log_path = [line.split()[1] for line in out.splitlines() if line.startswith("LOG ") and len(line.split()) > 1][0]
     log = open(log_path).read()
     assert "global batch 8 = 4 x 1 accum x 2 process(es)" in log and "cpu x2" in log
 
     single = tmp_path / "single"
     single.mkdir()
-    run_procs(single, 1, tiny_args(single, data, *DETERMINISTIC))  # 1 process x batch 8
+    run_procs(single, 1, tiny_args(single, data, *DETERMINISTIC, "--model_ema", "--model_ema_decay", "0.9"))
     s = torch.load(single / "rank0_of_1.pt", weights_only=True)
+    es = torch.load(single / "ema_rank0_of_1.pt", weights_only=True)
     # Same images, same averaged gradient; only the order of floating-point sums differs.
     for k in s:
         torch.testing.assert_close(r0[k], s[k], rtol=1e-4, atol=1e-5, msg=f"DDP and 1-process differ in {k}")
+        torch.testing.assert_close(e0[k], es[k], rtol=1e-4, atol=1e-5, msg=f"DDP and 1-process EMAs differ in {k}")
 
 
 @pytest.mark.slow

@@ -200,3 +200,37 @@ def test_cli_success(tmp_path, run_a):
     assert proc.returncode == 0, proc.stderr
     check_png(out)
     assert str(out) in proc.stdout
+
+
+def _kept_figure(monkeypatch, runs, out):
+    """pc.plot's figure, kept open (plot closes it) for inspection."""
+    import matplotlib.pyplot as plt
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    pc.plot(runs, out)
+    monkeypatch.undo()
+    assert len(kept) == 1
+    return kept[0]
+
+
+def test_ema_accuracy_is_dashed_beside_test_acc_in_the_same_colour(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    ema = [record(e, 30 + 5 * e, ema_acc=28 + 6 * e, ema_loss=1.4, best_ema_acc=28 + 6 * e) for e in range(1, 6)]
+    plain = [record(e, 20 + 2 * e) for e in range(1, 6)]
+    out = tmp_path / "ema.png"
+    fig = _kept_figure(monkeypatch, [("with", ema), ("without", plain)], out)
+    try:
+        check_png(out)
+        lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+        assert sorted(lines) == ["with", "with EMA", "without"]  # no EMA line for a run without ema_acc
+        acc, ema_line = lines["with"], lines["with EMA"]
+        assert ema_line.get_linestyle() == "--" and acc.get_linestyle() == "-"
+        assert ema_line.get_color() == acc.get_color() != lines["without"].get_color()
+        assert list(ema_line.get_xdata()) == [1, 2, 3, 4, 5]
+        assert list(ema_line.get_ydata()) == [34.0, 40.0, 46.0, 52.0, 58.0]
+    finally:
+        plt.close(fig)
+    # from the command line too; the summary still reports the trained model's test_acc
+    path = write_jsonl(tmp_path / "ema.jsonl", ema)
+    assert pc.main([str(path), "-o", str(tmp_path / "cli.png")]) == 0
+    check_png(tmp_path / "cli.png")

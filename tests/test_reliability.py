@@ -3,7 +3,8 @@
 * kill -9 at any moment (startup, mid-training, in the middle of a checkpoint write) -> ``--resume auto``
   continues from the last complete checkpoint and ends exactly where an uninterrupted run ends;
 * SIGTERM / SIGINT finish the step, write a mid-epoch ``_last.pth``, say how to resume, exit 128 + signum;
-* resume is exact (weights and metrics) from a mid-epoch stop, an epoch boundary and a periodic save;
+* resume is exact (weights, --model_ema's EMA and metrics) from a mid-epoch stop, an epoch boundary and a
+  periodic save;
 * non-finite losses skip the step on the device (weights untouched), are counted, and a streak stops the run
   with exit code 3 and the last good checkpoint intact;
 * bad input of every kind: one stderr line, exit 2, no traceback, no code run, nothing overwritten;
@@ -431,6 +432,57 @@ def test_periodic_mid_epoch_saves_and_resume_from_one(tmp_path, data, reference,
     assert_same_run(save2 / LAST, reference, jsonl_of(logs, "r"))
 
 
+def test_ema_resumes_exactly_mid_epoch_and_can_be_switched_on_or_off(tmp_path, data, reference, monkeypatch):
+    """--model_ema leaves training itself unchanged (the reference's weights, optimizer and metrics); a mid-epoch
+    checkpoint resumes to the uninterrupted run's EMA bit for bit; an EMA checkpoint resumed without the flag
+    drops the EMA, and a checkpoint without one resumed with the flag starts it, each with a warning line."""
+    save, logs = tmp_path / "ckpt", tmp_path / "logs"
+    real = engine.save_checkpoint
+    snapshot = tmp_path / "mid_epoch.pth"
+
+    def recording(state, path):
+        real(state, path)
+        if (state["position"]["epoch"], state["position"]["step_in_epoch"]) == (1, 6) and not snapshot.exists():
+            shutil.copy(path, snapshot)
+
+    monkeypatch.setattr(engine, "save_checkpoint", recording)
+    ema = ["--model_ema", "--model_ema_decay", "0.9"]
+    assert call_main(run_args(data, save, logs, "e", *ema, "--save_every_minutes", "0.0001", "--save_freq", "1")) == 0
+    monkeypatch.undo()
+    assert_same_run(save / LAST, reference, jsonl_of(logs, "e"))
+    full = load(save / LAST)
+    assert load(snapshot)["model_ema"] is not None
+
+    save2 = tmp_path / "ckpt2"
+    assert call_main(run_args(data, save2, logs, "r", *ema, "--resume", snapshot)) == 0
+    assert_same_run(save2 / LAST, reference, jsonl_of(logs, "r"))
+    assert_same(load(save2 / LAST)["model_ema"], full["model_ema"], "model_ema")
+    pa, pb = dict(full["position"]), dict(load(save2 / LAST)["position"])  # best EMA and every record's EMA fields
+
+    def untimed(history):
+        return [{k: v for k, v in r.items() if k not in ("epoch_time", "images_per_s")} for r in history]
+    assert untimed(pa.pop("history")) == untimed(pb.pop("history"))
+    assert pa == pb
+
+    save3 = tmp_path / "ckpt3"
+    assert call_main(run_args(data, save3, logs, "off", "--resume", save / "mamba_tiny_cifar10_epoch1.pth")) == 0
+    assert "warning: the checkpoint holds EMA weights but --model_ema is off: they are dropped" in \
+        log_of(logs, "off").read_text()
+    assert load(save3 / LAST)["model_ema"] is None
+    assert_same_run(save3 / LAST, reference, jsonl_of(logs, "off"))
+
+    save4 = tmp_path / "ckpt4"
+    assert call_main(run_args(data, save4, logs, "on", *ema, "--resume",
+                              reference.save_dir / "mamba_tiny_cifar10_epoch1.pth")) == 0
+    assert (f"warning: --model_ema is on but the checkpoint holds no EMA weights: the EMA starts from the resumed "
+            f"weights at step {STEPS}") in log_of(logs, "on").read_text()
+    got = load(save4 / LAST)
+    assert got["model_ema"].keys() == got["model"].keys()
+    assert all(torch.isfinite(v).all() for v in got["model_ema"].values())
+    assert [("ema_acc" in r) for r in got["position"]["history"]] == [False, True, True]
+    assert_same_run(save4 / LAST, reference, jsonl_of(logs, "on"))
+
+
 # ---- 4. non-finite losses ------------------------------------------------------------------------------------
 def _inject_nan(monkeypatch, bad_steps, record=None):
     """The criterion returns NaN on the given global steps (0-based); record: global_step -> [before, after]."""
@@ -558,6 +610,10 @@ def _bad_checkpoint(kind, reference, tmp_path):
         p.write_bytes(pickle.dumps(Evil(tmp_path / "pwned")))
     elif kind == "missing":
         pass
+    elif kind == "malformed_ema":  # model_ema is a state dict or None
+        ck = load(reference.save_dir / "mamba_tiny_cifar10_epoch1.pth")
+        ck["model_ema"] = torch.zeros(3)
+        torch.save(ck, p)
     elif kind == "wrong_shapes":  # the right config, weights of another shape (an edited file, other code)
         ck = load(reference.save_dir / "mamba_tiny_cifar10_epoch1.pth")  # unfinished
         ck["model"]["head.weight"] = torch.zeros(3, 3)
@@ -604,6 +660,7 @@ CKPT = {
     "plain_dict": ["is not a checkpoint of this project", FORMAT],
     "tagged_but_incomplete": ["is a damaged checkpoint (missing or malformed: optimizer, position, rng, config)"],
     "wrong_shapes": ["does not fit this model or optimizer", "size mismatch"],
+    "malformed_ema": ["is a damaged checkpoint (missing or malformed: model_ema)"],
     "evil_torch_save": ["is corrupt, truncated or not a checkpoint"],
     "evil_pickle": ["is corrupt, truncated or not a checkpoint"],
     "other_arch": ["was made for a different run: arch 'mamba_small' (this run: 'mamba_tiny')"],

@@ -11,8 +11,9 @@ Each line of a ``.jsonl`` file is one epoch record, e.g.::
 
 (accuracies in percent). Lines without ``"epoch"`` are skipped; when an epoch appears twice (a resumed
 run appending to the same file) the later line wins. The PNG has two panels: test top-1 accuracy vs
-epoch, and train loss (solid) / test loss (dashed) vs epoch, one colour per run. ``--reference``
-overlays the user's guide's expected top-1 accuracy points.
+epoch, and train loss (solid) / test loss (dashed) vs epoch, one colour per run. A run trained with
+--model_ema also has ``ema_acc``, the EMA weights' top-1: drawn dashed beside its test_acc, same colour.
+``--reference`` overlays the user's guide's expected top-1 accuracy points.
 """
 from __future__ import annotations
 
@@ -141,6 +142,9 @@ def plot(runs, out, title=None, reference=None) -> None:
         xs, ys = _series(records, "test_acc")
         if xs:
             ax_acc.plot(xs, ys, color=color, label=label, marker=_marker(xs))
+        xs, ys = _series(records, "ema_acc")
+        if xs:
+            ax_acc.plot(xs, ys, color=color, linestyle="--", label=f"{label} EMA", marker=_marker(xs))
         xs, ys = _series(records, "train_loss")
         if xs:
             ax_loss.plot(xs, ys, color=color, label=f"{label} train", marker=_marker(xs))

@@ -1,7 +1,8 @@
 """Checkpoints: plain data written atomically, read with ``weights_only=True``, checked before use.
 
-A checkpoint holds the model, the optimizer, the position in the run (epoch, step within it, global step),
-best accuracy, the per-epoch history, RNG states and the resolved configuration. It never holds code.
+A checkpoint holds the model, the EMA of its weights (``model_ema``, None without --model_ema), the optimizer,
+the position in the run (epoch, step within it, global step), best accuracy, the per-epoch history, RNG states
+and the resolved configuration. It never holds code.
 """
 import errno
 import fcntl
@@ -62,6 +63,8 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' format tag)")
     broken = [k for k in ("model", "optimizer", "position", "rng", "config") if not isinstance(ckpt.get(k), dict)]
+    if ckpt.get("model_ema") is not None and not isinstance(ckpt["model_ema"], dict):  # None: made without EMA
+        broken.append("model_ema")
     if broken:
         raise CheckpointError(f"{path} is a damaged checkpoint (missing or malformed: {', '.join(broken)})")
     return ckpt

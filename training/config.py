@@ -75,6 +75,13 @@ def build_parser():
                    help="stop after this many consecutive steps with a non-finite loss")
     t.add_argument("--compile", action="store_true", help="torch.compile the model for training (CUDA)")
     t.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
+    t.add_argument("--model_ema", action="store_true",
+                   help="also keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it "
+                        "every epoch; its warmup is on: at optimizer step t the decay is 1 - t^(-2/3) (0 at step 1: "
+                        "a copy) capped at --model_ema_decay, so that short runs average over a window they can "
+                        "fill (default: off)")
+    t.add_argument("--model_ema_decay", type=float, default=0.9999,
+                   help="the EMA's decay per optimizer step once warmed up, in (0, 1) (default: 0.9999)")
 
     d = p.add_argument_group("data")
     d.add_argument("--data_dir", default=None, help="default ./datasets/<dataset>; holds cifar-10-batches-py/ "
@@ -134,6 +141,7 @@ def parse_config(argv=None):
     _check(args.num_workers >= 0 and args.train_subset >= 0 and args.test_subset >= 0 and args.gpu >= 0,
            "--num_workers, --train_subset, --test_subset and --gpu must be >= 0")
     _check(args.save_every_minutes >= 0, "--save_every_minutes must be >= 0")
+    _check(0 < args.model_ema_decay < 1, f"--model_ema_decay must be in (0, 1), got {args.model_ema_decay:g}")
     mixing = (args.use_mixup and args.mixup_alpha > 0) or (args.use_cutmix and args.cutmix_alpha > 0)
     _check(not mixing or args.batch_size % 2 == 0, "--batch_size must be even when Mixup or CutMix is on")
     args.num_classes = DATASETS[args.dataset]

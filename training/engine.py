@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 
 from models.bimamba import causal_conv1d_available
 from models.scan import resolve_scan
@@ -49,6 +50,8 @@ class Position:
     global_step: int = 0
     best_acc: float = 0.0
     best_epoch: int = 0
+    best_ema_acc: float = 0.0   # the EMA model's (--model_ema); 0 without it
+    best_ema_epoch: int = 0
     bad_steps: int = 0          # steps skipped for a non-finite loss, whole run
     history: list = field(default_factory=list)
     partial: dict = field(default_factory=dict)   # a stopped epoch's sums so far: loss_sum, images, seconds
@@ -185,6 +188,18 @@ class Run:
         elif cfg.pretrained:  # a resumed run has its weights already: the pretrained ones only seed a new run
             self.pretrained_info = []  # its two summary lines, logged once the log is open
             load_pretrained(self.model, cfg.pretrained, log=self.pretrained_info.append)
+        self.ema = None
+        if cfg.model_ema:
+            # A copy of the weights as they now are (fresh, pretrained or resumed), on the training device. Every
+            # rank holds the same weights, so every rank keeps its own identical EMA: no communication.
+            self.ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay, use_warmup=True)
+            if self.ckpt and self.ckpt.get("model_ema") is not None:
+                try:
+                    self.ema.module.load_state_dict(self.ckpt["model_ema"])
+                except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                    why = " ".join(str(e).split())[:300] or type(e).__name__
+                    raise CheckpointError(f"{resume_path} holds EMA weights that do not fit this model ({why})") \
+                        from None
         self.train_model = self.model
         if self.world > 1:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
@@ -250,17 +265,26 @@ class Run:
 
     def _note_changed_settings(self):
         saved = self.ckpt["config"]
+        has_ema = self.ckpt.get("model_ema") is not None
         recipe = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "use_randaugment", "use_mixup",
                   "use_cutmix", "mixup_alpha", "cutmix_alpha", "label_smoothing", "accum_steps", "clip_grad",
-                  "min_lr", "warmup_lr", "seed", "drop_path", "train_subset")
+                  "min_lr", "warmup_lr", "seed", "drop_path", "train_subset") + \
+            (("model_ema_decay",) if has_ema and self.cfg.model_ema else ())
         changed = [f"{k} {saved.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in recipe
                    if k in saved and saved[k] != getattr(self.cfg, k)]
         if changed:
             self.log.info("warning: resuming with settings that differ from the checkpoint's: " + "; ".join(changed))
+        if self.cfg.model_ema and not has_ema:
+            self.log.info("warning: --model_ema is on but the checkpoint holds no EMA weights: the EMA starts from "
+                          f"the resumed weights at step {self.pos.global_step}")
+        elif has_ema and not self.cfg.model_ema:
+            self.log.info("warning: the checkpoint holds EMA weights but --model_ema is off: they are dropped (the "
+                          "next checkpoints hold none)")
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def checkpoint_state(self):
         return {"format": "vim-cifar-checkpoint/1", "model": self.model.state_dict(),
+                "model_ema": self.ema.module.state_dict() if self.ema is not None else None,  # --model_ema
                 "optimizer": self.optimizer.state_dict(), "position": vars(self.pos).copy(),
                 "rng": rng_state(), "scaler": None,  # bf16 autocast needs no loss scaling
                 "config": {k: v for k, v in vars(self.cfg).items()}, "log_path": self.log.log_path}
@@ -314,6 +338,10 @@ class Run:
             max_streak = torch.maximum(max_streak, bad_streak)
             bad_total += bad
             pos.global_step += 1
+            if self.ema is not None:
+                # the decay follows from the step count on the host: no sync. A skipped (non-finite) step left
+                # the weights as they were, so the EMA averages in finite, unchanged weights.
+                self.ema.update(self.model, step=pos.global_step)
             pos.step_in_epoch = step + 1
             if (step + 1) % SYNC_EVERY == 0 or step + 1 == self.steps_per_epoch:
                 if max_streak.item() >= cfg.max_bad_steps:
@@ -353,14 +381,15 @@ class Run:
         self.pos.bad_steps += int(bad_total.item())
 
     @torch.no_grad()
-    def evaluate(self):
-        """-> (mean loss, top-1 %, top-5 %) over the whole test split."""
-        self.model.eval()
+    def evaluate(self, model=None):
+        """-> (mean loss, top-1 %, top-5 %) of ``model`` (default: the trained one) over the whole test split."""
+        model = self.model if model is None else model
+        model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, count
         for x, y in self.test_data.eval_batches(self.cfg.eval_batch_size, self.rank, self.world):
             x = resize((x.float() / 255 - self.mean) / self.std, self.cfg.input_size)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                logits = self.model(x).float()
+                logits = model(x).float()
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hit = top5 == y[:, None]
             sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), hit[:, 0].sum(), hit.any(1).sum(),
@@ -377,6 +406,8 @@ class Run:
             train = self.train_one_epoch(epoch)
             t_eval = time.perf_counter()
             test_loss, acc, acc5 = self.evaluate()
+            if self.ema is not None:
+                ema_loss, ema_acc, ema_acc5 = self.evaluate(self.ema.module)
             eval_seconds = time.perf_counter() - t_eval
             pos.epoch, pos.step_in_epoch = epoch + 1, 0
             improved = acc > pos.best_acc
@@ -386,6 +417,11 @@ class Run:
                    "test_acc": acc, "test_acc5": acc5 if cfg.num_classes > 10 else None, "best_acc": pos.best_acc,
                    "epoch_time": train["seconds"] + eval_seconds,
                    "images_per_s": train["images"] / max(train["seconds"], 1e-9), "bad_steps": pos.bad_steps}
+            if self.ema is not None:  # test_acc stays the trained model's; _best.pth follows it, not the EMA
+                if ema_acc > pos.best_ema_acc:
+                    pos.best_ema_acc, pos.best_ema_epoch = ema_acc, epoch + 1
+                rec.update({"ema_loss": ema_loss, "ema_acc": ema_acc,
+                            "ema_acc5": ema_acc5 if cfg.num_classes > 10 else None, "best_ema_acc": pos.best_ema_acc})
             pos.history.append(rec)
             pos.partial = {}
             kinds = ["last"] + (["best"] if improved else []) + (["epoch"] if (epoch + 1) % cfg.save_freq == 0
@@ -394,7 +430,8 @@ class Run:
             self.log.epoch(rec, cfg.epochs)
             if self.stop.signum is not None and epoch + 1 < cfg.epochs:
                 raise Stopped(self.stop.signum)  # asked during the epoch's last step: its checkpoint is saved
-        self.log.info(f"finished: best top-1 {pos.best_acc:.2f}% at epoch {pos.best_epoch}; "
+        ema = f", EMA {pos.best_ema_acc:.2f}% at epoch {pos.best_ema_epoch}" if self.ema is not None else ""
+        self.log.info(f"finished: best top-1 {pos.best_acc:.2f}% at epoch {pos.best_epoch}{ema}; "
                       f"checkpoints in {cfg.save_dir}")
 
 

@@ -31,8 +31,10 @@ class RunLog:
     def epoch(self, rec, total_epochs):
         """rec: one epoch's metrics (see engine.epoch_record)."""
         top5 = f" top5 {rec['test_acc5']:.2f}" if rec.get("test_acc5") is not None else ""
+        ema = f" | ema {rec['ema_acc']:.2f}" if rec.get("ema_acc") is not None else ""  # --model_ema: its top-1
         self.info(f"epoch {rec['epoch']:>3}/{total_epochs} | lr {rec['lr']:.2e} | train loss {rec['train_loss']:.4f}"
-                  f" | test loss {rec['test_loss']:.4f} acc {rec['test_acc']:.2f}{top5} | best {rec['best_acc']:.2f}"
+                  f" | test loss {rec['test_loss']:.4f} acc {rec['test_acc']:.2f}{top5}{ema}"
+                  f" | best {rec['best_acc']:.2f}"
                   f" | {rec['epoch_time']:.1f}s {rec['images_per_s']:.0f} img/s")
         if self.enabled:
             with open(self.jsonl_path, "a") as f:
