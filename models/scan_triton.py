@@ -49,10 +49,16 @@ import triton.language as tl
 # channels per thread, lanes over the rest of the channels and then over the states, so sums over either axis are
 # mostly in-thread; more warps would split the states across warps (sums through shared memory).
 # Chosen by `python tools/benchmark.py --scan_sweep --batch_sizes 1024` on an H200 (D=768, N=16, 65 tokens, bf16,
-# both directions): forward 1.16 ms at (64, 4, 1 warp) against 1.43 ms at the earlier (32, 8, 1); backward 7.82 ms at
-# (64, 2, 1) against 8.98 ms at (32, 4, 1). Shorter backward chunks keep fewer recomputed states in registers.
+# both directions): forward 1.16 ms at (64, 4, 1 warp) against 1.43 ms at (32, 8, 1); backward 7.82 ms at (64, 2, 1)
+# against 8.98 ms at (32, 4, 1). Shorter backward chunks keep fewer recomputed states in registers. Wide blocks need
+# many programs to fill the GPU: at batch 128 the (32, ...) shapes took 1.92 ms forward + backward and the (64, ...)
+# ones 2.76 ms, so a launch with fewer than WIDE_MIN_PROGRAMS_PER_SM programs of 64 channels per SM takes the
+# *_NARROW shapes (the crossover between batch 128 and 1024 is not measured).
 FWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=4, num_warps=1)
 BWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=2, num_warps=1)
+FWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=8, num_warps=1)
+BWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=4, num_warps=1)
+WIDE_MIN_PROGRAMS_PER_SM = 48
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 
@@ -265,6 +271,15 @@ def _channels_contiguous(A):
     return A.t().contiguous().t()
 
 
+def _pick(wide, narrow, u):
+    """The wide launch shapes when the batch gives every SM enough programs of 64 channels, else the narrow ones."""
+    if not u.is_cuda:  # the interpreter: whatever FWD_CONFIG / BWD_CONFIG say (tests set them)
+        return wide
+    Bsz, Dim, _ = u.shape
+    sms = torch.cuda.get_device_properties(u.device).multi_processor_count
+    return wide if Bsz * triton.cdiv(Dim, 64) >= WIDE_MIN_PROGRAMS_PER_SM * sms else narrow
+
+
 def _launch(cfg, Dim, L, N):
     """Block sizes of one launch, shrunk for tiny problems (tests)."""
     return dict(BLOCK_D=min(cfg["BLOCK_D"], max(triton.next_power_of_2(Dim), 16)),
@@ -281,7 +296,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
     Bsz, Dim, L = u.shape
     out = _empty_like_bdl(u)
     At = _channels_contiguous(A)
-    meta = _launch(FWD_CONFIG, Dim, L, A.shape[1])
+    meta = _launch(_pick(FWD_CONFIG, FWD_CONFIG_NARROW, u), Dim, L, A.shape[1])
     grid = (triton.cdiv(Dim, meta["BLOCK_D"]), Bsz)
     z_strides = z.stride() if z is not None else (0, 0, 0)
     _fwd_kernel[grid](
@@ -296,7 +311,7 @@ def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
     """-> du, ddelta, dA, dB, dC, dD, dz, ddelta_bias; None for an absent input. Layouts as ``_grad_layouts``."""
     Bsz, Dim, L = u.shape
     N = A.shape[1]
-    meta = _launch(BWD_CONFIG, Dim, L, N)
+    meta = _launch(_pick(BWD_CONFIG, BWD_CONFIG_NARROW, u), Dim, L, N)
     grid = (triton.cdiv(Dim, meta["BLOCK_D"]), Bsz)
     tile = meta["BLOCK_N"] * meta["BLOCK_D"]
     f32 = dict(dtype=torch.float32, device=u.device)

@@ -184,6 +184,23 @@ def test_interpreted_model_matches_reference(check, interpreted_results):
     assert failure is None, failure
 
 
+def test_launch_shapes_follow_the_number_of_programs(monkeypatch):
+    """Wide channel blocks only when the batch gives every SM enough programs; the interpreter takes FWD_CONFIG."""
+    pytest.importorskip("triton")
+    import types
+    import models.scan_triton as st
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132))
+
+    def u(batch, dim, cuda=True):
+        return types.SimpleNamespace(is_cuda=cuda, shape=(batch, dim, 65), device=None)
+    wide, narrow = st.FWD_CONFIG, st.FWD_CONFIG_NARROW
+    assert wide["BLOCK_D"] > narrow["BLOCK_D"]
+    assert st._pick(wide, narrow, u(1024, 768)) is wide        # 12 blocks of 64 channels x 1024 = 93 per SM
+    assert st._pick(wide, narrow, u(128, 768)) is narrow       # 12 per SM
+    assert st._pick(wide, narrow, u(128, 768, cuda=False)) is wide
+
+
 # ---------------------------------------------------------------- GPU, compiled
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -152,10 +152,11 @@ def scan_bench(backends, batch_sizes, dim=768, state=16, lengths=(65, 257), reps
 
 def scan_sweep(batch_sizes, dim=768, state=16, lengths=(65,), reps=20):
     """Launch shapes of the Triton scan (block of channels, steps per iteration, warps), forward and backward
-    separately; the fastest go into models/scan_triton.py's FWD_CONFIG and BWD_CONFIG. -> rows."""
+    separately, each shape at every batch; the fastest go into models/scan_triton.py's FWD_CONFIG and BWD_CONFIG
+    (large batches) and their _NARROW forms (small ones). -> rows."""
     import itertools
     import models.scan_triton as st
-    default_fwd, default_bwd = dict(st.FWD_CONFIG), dict(st.BWD_CONFIG)
+    saved = {k: getattr(st, k) for k in ("FWD_CONFIG", "BWD_CONFIG", "FWD_CONFIG_NARROW", "BWD_CONFIG_NARROW")}
     rows = []
     for length, batch in itertools.product(lengths, batch_sizes):
         inputs = _scan_inputs(batch, length, dim, state)
@@ -163,7 +164,9 @@ def scan_sweep(batch_sizes, dim=768, state=16, lengths=(65,), reps=20):
                            ("bwd", itertools.product((16, 32, 64), (2, 4), (1, 2)))):
             for block_d, block_l, warps in grid:
                 cfg = dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
-                st.FWD_CONFIG, st.BWD_CONFIG = (cfg, default_bwd) if kind == "fwd" else (default_fwd, cfg)
+                for name in ("FWD_CONFIG", "FWD_CONFIG_NARROW") if kind == "fwd" else \
+                        ("BWD_CONFIG", "BWD_CONFIG_NARROW"):  # this shape at any batch
+                    setattr(st, name, cfg)
                 try:
                     ms_fwd, ms = _time_scan(st.selective_scan_triton, inputs, reps)
                     ms_kind = ms_fwd if kind == "fwd" else ms - ms_fwd
@@ -173,7 +176,8 @@ def scan_sweep(batch_sizes, dim=768, state=16, lengths=(65,), reps=20):
                 rows.append(dict(kind=kind, batch=batch, length=length, dim=dim, **cfg, ms=ms_kind))
                 print(f"sweep {kind} batch {batch:>5} L {length:>4} BLOCK_D {block_d:>3} BLOCK_L {block_l:>3} "
                       f"warps {warps}: {'-' if ms_kind is None else f'{ms_kind:.2f} ms'}", flush=True)
-    st.FWD_CONFIG, st.BWD_CONFIG = default_fwd, default_bwd
+            for name, value in saved.items():
+                setattr(st, name, value)
     return rows
 
 
