@@ -10,8 +10,9 @@ uninterrupted run does.
    --save_every_minutes, and --kills times kills it at a random moment (SIGKILL; every third kill, from the
    second on, is a SIGTERM), each time checking that every checkpoint loads (weights_only=True) and noting
    where the next attempt resumes (epoch/step from _last.pth);
-4. resumes with --resume auto until the run finishes, then compares the final weights and optimizer state
-   (torch.equal on every tensor) and the per-epoch metrics (not the times) with the reference.
+4. resumes with --resume auto until the run finishes, then compares the final weights, their EMA (the runs use
+   --model_ema) and optimizer state (torch.equal on every tensor) and the per-epoch metrics (not the times) with
+   the reference.
 
 Prints a PASS/FAIL summary. Exit status: 0 PASS, 1 FAIL (a mismatch, a checkpoint that does not load, a run
 that failed or hung). Every process gets --timeout seconds at most, so the tool never hangs.
@@ -34,7 +35,7 @@ sys.path.insert(0, HERE)
 from fake_cifar import make_cifar  # noqa: E402
 
 STEM = "mamba_tiny_cifar10"
-METRIC_KEYS = ("epoch", "lr", "train_loss", "test_loss", "test_acc", "best_acc", "bad_steps")
+METRIC_KEYS = ("epoch", "lr", "train_loss", "test_loss", "test_acc", "best_acc", "bad_steps", "ema_loss", "ema_acc")
 
 
 class Failure(Exception):
@@ -63,7 +64,7 @@ def parse_args(argv=None):
 def train_args(a, data_dir, save_dir, log_dir, *extra):
     return ["--arch", "mamba_tiny", "--embed_dim", "16", "--depth", "2", "--patch_size", "8", "--device", "cpu",
             "--batch_size", "8", "--eval_batch_size", "16", "--no_progress", "--no_use_randaugment",
-            "--deterministic", "--epochs", str(a.epochs), "--warmup_epochs", "1", "--seed", "0",
+            "--deterministic", "--model_ema", "--epochs", str(a.epochs), "--warmup_epochs", "1", "--seed", "0",
             "--data_dir", data_dir, "--train_subset", str(a.n_train), "--num_workers", "1", "--save_dir", save_dir,
             "--log_dir", log_dir, "--run_id", "chaos", *extra]
 
@@ -170,6 +171,7 @@ def compare(got_path, ref_path):
 
     walk(got["model"], ref["model"], "model")
     walk(got["optimizer"], ref["optimizer"], "optimizer")
+    walk(got["model_ema"], ref["model_ema"], "model_ema")
     for k in ("epoch", "step_in_epoch", "global_step", "best_acc", "best_epoch", "bad_steps"):
         walk(got["position"][k], ref["position"][k], f"position.{k}")
     strip = [[{k: r[k] for k in METRIC_KEYS} for r in c["position"]["history"]] for c in (got, ref)]
@@ -272,8 +274,8 @@ def main(argv=None):
         print(f"FAIL: {killed} kill(s); the final run differs from the uninterrupted one in {len(diffs)} place(s): "
               + "; ".join(diffs[:10]) + f" ({took:.0f}s, workdir {work})", flush=True)
         return 1
-    print(f"PASS: {killed} kill(s) landed; the resumed run ended with the same weights, optimizer state and "
-          f"metrics as the uninterrupted one (torch.equal on every tensor) ({took:.0f}s)", flush=True)
+    print(f"PASS: {killed} kill(s) landed; the resumed run ended with the same weights, EMA weights, optimizer "
+          f"state and metrics as the uninterrupted one (torch.equal on every tensor) ({took:.0f}s)", flush=True)
     if not a.workdir and not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0
