@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.bimamba import BiMambaMixer
 from models.vim import VARIANTS, build_model, vim_config
@@ -269,3 +270,18 @@ def test_weight_decay_leaves_no_decay_group_alone():
             assert torch.equal(p, before[n]), n
         else:
             torch.testing.assert_close(p.detach(), before[n] * (1 - 0.1 * 0.5))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_conv1d_silu_is_the_official_depthwise_conv(reverse):
+    """Our channels-last shifted-sum conv equals nn.Conv1d(groups=D, padding=K-1) truncated to L (Mamba's), then
+    SiLU; reverse=True equals it on the flipped sequence, flipped back."""
+    from models.bimamba import conv1d_silu
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)
+    x = torch.randn(2, 7, 6)                                               # (B, L, D)
+    seq = x.flip(1) if reverse else x
+    want = F.silu(conv(seq.transpose(1, 2))[..., :7]).transpose(1, 2)
+    want = want.flip(1) if reverse else want
+    got = conv1d_silu(x, conv.weight.squeeze(1), conv.bias, reverse=reverse)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
