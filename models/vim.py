@@ -1,6 +1,6 @@
 """Vision Mamba (Vim, hustvl/Vim) with the middle class token, for CIFAR-sized inputs.
 
-patch embed (conv) -> insert cls token in the middle -> + pos embed
+patch embed (conv; or an optional convolutional stem) -> insert cls token in the middle -> + pos embed
   -> depth x [residual add (fp32), RMSNorm, BiMambaMixer] -> residual add, RMSNorm -> cls token -> head
 Parameter names follow the official layout so its checkpoints map onto ours.
 """
@@ -34,9 +34,12 @@ class VimConfig:
     expand: int = 2
     drop_path: float = 0.1
     norm_eps: float = 1e-5
+    stem: str = "patch"  # "patch": Vim's patch embedding; "conv": ConvStem (then patch_size is unused)
 
     @property
     def num_patches(self):
+        if self.stem == "conv":
+            return (self.img_size // ConvStem.STRIDE) ** 2
         return (self.img_size // self.patch_size) ** 2
 
 
@@ -59,6 +62,24 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W/p^2, D)
 
 
+class ConvStem(nn.Module):
+    """A convolutional tokenizer in the manner of Compact Convolutional Transformers (CCT-x/3x2): two stages of
+    (3x3 conv, ReLU, 3x3 max-pool with stride 2), so each token sees a 10x10-pixel field and the 32x32 image gives
+    the same 8x8 = 64 tokens as patch 4. An option (``--stem conv``) for CIFAR; official checkpoints use patches."""
+    STRIDE = 4
+
+    def __init__(self, img_size, in_chans, embed_dim, hidden=64):
+        super().__init__()
+        if img_size % self.STRIDE:
+            raise ValueError(f"the conv stem needs an image size divisible by {self.STRIDE}, got {img_size}")
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, hidden, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1),
+            nn.Conv2d(hidden, embed_dim, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W/16, D)
+
+
 class Block(nn.Module):
     """Vim's block: add the residual (kept in fp32), normalise, mix."""
 
@@ -78,7 +99,10 @@ class VisionMamba(nn.Module):
     def __init__(self, cfg: VimConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        if cfg.stem not in ("patch", "conv"):
+            raise ValueError(f"unknown stem {cfg.stem!r}; choose patch or conv")
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim) \
+            if cfg.stem == "patch" else ConvStem(cfg.img_size, cfg.in_chans, cfg.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.embed_dim))
         rates = [r.item() for r in torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu")]

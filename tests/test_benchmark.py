@@ -27,3 +27,10 @@ def test_scan_timings_need_a_gpu(capsys):
     for flags in (["--scan_only", "triton"], ["--scan_sweep"]):
         assert benchmark.main(flags) == 2
         assert "need a CUDA GPU" in capsys.readouterr().err
+
+
+def test_cpu_smoke_with_the_conv_stem(tmp_path):
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--cpu_smoke", "--stem", "conv", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["stem"] == "conv" and row["tokens"] == 65 and row["images_per_s"] > 0

@@ -313,3 +313,33 @@ def test_missing_data_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("train_mamba_baseline.py: error: cifar10 not found")
     assert "cifar-10-python.tar.gz" in err
+
+
+def test_conv_stem_runs_and_a_checkpoint_keeps_its_stem(tmp_path, cifar10_dir, capsys):
+    """--stem conv trains with 64 tokens and its stem's weights; a checkpoint of one stem is refused by a run of
+    the other (one line, exit 2); a checkpoint from before --stem existed resumes as the patch stem."""
+    def args(name, *extra):
+        argv = tiny_args(tmp_path / name, cifar10_dir, *PLAIN, "--epochs", "2", "--warmup_epochs", "0",
+                         "--save_freq", "1", "--train_subset", "8", "--test_subset", "8", *extra)
+        i = argv.index("--patch_size")
+        return argv[:i] + argv[i + 2:]  # the stem sets the tokens: 4x4 pixels, as patch 4
+
+    assert train_mamba_baseline.main(args("conv", "--stem", "conv")) == 0
+    conv = Run(tmp_path / "conv", [])
+    assert "65 tokens (conv stem)" in conv.log()
+    ck = conv.ckpt()
+    assert ck["config"]["stem"] == "conv" and "patch_embed.proj.3.weight" in ck["model"]
+
+    capsys.readouterr()
+    assert train_mamba_baseline.main(args("patch", "--resume", str(conv.ckpt_path("epoch1")))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stem 'conv' (this run: 'patch')" in err
+
+    assert train_mamba_baseline.main(args("old", "--epochs", "1")) == 0  # a patch-stem checkpoint, made old:
+    old = Run(tmp_path / "old", []).ckpt_path("epoch1")
+    ck = torch.load(old, map_location="cpu", weights_only=True)
+    del ck["config"]["stem"]
+    ck["config"]["epochs"] = 2
+    torch.save(ck, old)
+    assert train_mamba_baseline.main(args("resumed", "--resume", str(old))) == 0
+    assert Run(tmp_path / "resumed", []).ckpt()["position"]["epoch"] == 2

@@ -19,6 +19,7 @@ SPEC_DEFAULTS = dict(
     min_lr=1e-5, warmup_lr=1e-6, eval_batch_size=1024, seed=0, device="auto", precision="auto", max_bad_steps=20,
     deterministic=False, compile=False, use_crop=True, use_flip=True, num_workers=0, train_subset=0,
     test_subset=0, resume=None, save_every_minutes=0.0, no_progress=False, model_ema=False, model_ema_decay=0.9999,
+    stem="patch",
 )
 
 
@@ -55,6 +56,8 @@ EVERY_FLAG = {
 }
 # --pretrained is parsed here; its effect (and its refusals) are tested in test_finetune_cli.py.
 PRETRAINED = {"--pretrained": ("/tmp/vim.pth", "/tmp/vim.pth")}
+# --stem conv excludes --patch_size (and --pretrained): parsed in test_conv_stem, its model in test_model.py
+STEM = {"--stem": ("conv", "conv")}
 SWITCHES = ("use_randaugment", "use_mixup", "use_cutmix", "use_crop", "use_flip")  # on by default
 SWITCHES_OFF = {f"--no_{s}": s for s in SWITCHES}
 SWITCHES_ON = {f"--{s}": s for s in SWITCHES}
@@ -75,7 +78,7 @@ def test_every_flag_parses_to_its_field():
 
 
 def test_the_parser_has_no_untested_flag():
-    known = set(EVERY_FLAG) | set(PRETRAINED) | set(SWITCHES_OFF) | set(FLAGS_ON) | set(SWITCHES_ON) | {"-h", "--help"}
+    known = set(EVERY_FLAG) | set(PRETRAINED) | set(STEM) | set(SWITCHES_OFF) | set(FLAGS_ON) | set(SWITCHES_ON) | {"-h", "--help"}
     flags = {s for a in build_parser()._actions for s in a.option_strings}
     assert flags == known, f"flags without a test: {flags - known}; tested but gone: {known - flags}"
 
@@ -157,6 +160,10 @@ BAD = {
     "ema decay above 1": ["--model_ema", "--model_ema_decay", "1.5"],
     "negative ema decay": ["--model_ema_decay", "-0.5"],
     "ema decay nan": ["--model_ema_decay", "nan"],
+    "unknown stem": ["--stem", "vit"],
+    "conv stem with a patch size": ["--stem", "conv", "--patch_size", "4"],
+    "conv stem with pretrained weights": ["--stem", "conv", "--pretrained", "/tmp/vim.pth"],
+    "conv stem, input not divisible by 4": ["--stem", "conv", "--input_size", "30"],
 }
 
 
@@ -172,7 +179,7 @@ def test_error_messages_name_the_problem():
     cases = {("--dataset", "imagenet"): "imagenet", ("--arch", "resnet50"): "resnet50", ("--epochs", "0"): "--epochs",
              ("--batch_size", "7"): "--batch_size", ("--learning_rate", "1"): "--learning_rate",
              ("--patch_size", "3"): "--patch_size", ("--scan", "fast"): "--scan",
-             ("--model_ema_decay", "1"): "--model_ema_decay"}
+             ("--model_ema_decay", "1"): "--model_ema_decay", ("--stem", "vit"): "--stem"}
     for argv, needle in cases.items():
         with pytest.raises(UsageError, match=needle):
             parse_config(list(argv))
@@ -230,6 +237,13 @@ def test_pretrained_leaves_the_shape_to_the_checkpoint():
     for extra in (["--patch_size", "16"], ["--embed_dim", "192"], ["--depth", "24"], ["--input_size", "0"]):
         with pytest.raises(UsageError):
             parse_config(["--pretrained", "/tmp/vim.pth", *extra])
+
+
+def test_conv_stem():
+    """--stem conv: 4x4-pixel tokens (the grid of patch 4), at any input size divisible by 4."""
+    cfg = parse_config(["--stem", "conv"])
+    assert (cfg.stem, cfg.patch_size, cfg.input_size) == ("conv", 4, 32)
+    assert parse_config(["--stem", "conv", "--input_size", "64"]).input_size == 64
 
 
 def test_patch_size_must_divide_the_input_size():

@@ -285,3 +285,25 @@ def test_conv1d_silu_is_the_official_depthwise_conv(reverse):
     want = want.flip(1) if reverse else want
     got = conv1d_silu(x, conv.weight.squeeze(1), conv.bias, reverse=reverse)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_stem_gives_the_patch_4_grid():
+    """--stem conv: two stride-2 stages, so 32x32 -> 8x8 = 64 tokens + the class token, like patch 4; the class token
+    still sits in the middle; every stem parameter learns."""
+    torch.manual_seed(0)
+    model = build_model("mamba_tiny", 10, embed_dim=32, depth=2, stem="conv", drop_path=0.0)
+    assert model.cfg.num_patches == 64 and model.cls_position == 32 and model.pos_embed.shape == (1, 65, 32)
+    x = torch.randn(2, 3, 32, 32)
+    assert model.patch_embed(x).shape == (2, 64, 32)
+    F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+    stem = dict(model.patch_embed.named_parameters())
+    assert set(stem) == {"proj.0.weight", "proj.3.weight"}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stem.values())
+    assert build_model("mamba_tiny", 10, stem="conv", img_size=64).cfg.num_patches == 256
+
+
+def test_bad_stem():
+    with pytest.raises(ValueError, match="stem"):
+        build_model("mamba_tiny", 10, stem="vit")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        build_model("mamba_tiny", 10, stem="conv", img_size=30)

@@ -65,19 +65,20 @@ def time_steps(model, device, batch_size, steps, warmup, amp, compile_model, ran
 def run_row(kind, arch, width, depth, patch, batch, args, device):
     torch.manual_seed(0)
     amp = device.type == "cuda"
-    row = dict(model=kind, arch=arch, width=width, depth=depth, patch_size=patch, tokens=(32 // patch) ** 2 + 1,
-               batch_size=batch)
+    conv_stem = kind == "vim" and args.stem == "conv"  # the conv stem makes 4x4-pixel tokens, whatever the patch
+    row = dict(model=kind, arch=arch, width=width, depth=depth, patch_size=None if conv_stem else patch,
+               tokens=(32 // (4 if conv_stem else patch)) ** 2 + 1, batch_size=batch)
     try:
         if kind == "vit":
             model = build_vit(width, depth, patch, 10).to(device)
             row.update(scan=None, compiled=True)
             ips, peak = time_steps(model, device, batch, args.steps, args.warmup, amp, compile_model=True)
         else:
-            model = build_model(arch, 10, embed_dim=width, depth=depth, patch_size=patch).to(device)
+            model = build_model(arch, 10, embed_dim=width, depth=depth, patch_size=patch, stem=args.stem).to(device)
             scan = resolve_scan(args.scan, device)
             conv = device.type == "cuda" and scan != "ref" and causal_conv1d_available() and not args.compile
             model.set_kernels(scan, conv)
-            row.update(scan=scan, causal_conv1d=conv, compiled=args.compile)
+            row.update(scan=scan, causal_conv1d=conv, compiled=args.compile, stem=args.stem)
             ips, peak = time_steps(model, device, batch, args.steps, args.warmup, amp, compile_model=args.compile)
         row.update(images_per_s=round(ips, 1), peak_mem_gib=None if peak is None else round(peak, 2))
     except torch.cuda.OutOfMemoryError:
@@ -187,6 +188,7 @@ def main(argv=None):
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[128, 1024])
     p.add_argument("--patch_sizes", nargs="+", type=int, default=[4])
     p.add_argument("--depth", type=int, default=None, help="override the variants' depth")
+    p.add_argument("--stem", default="patch", choices=("patch", "conv"), help="the Vision Mamba's tokenizer")
     p.add_argument("--scan", default="auto", choices=SCAN_CHOICES)
     p.add_argument("--compile", action="store_true", help="torch.compile the Vision Mamba too")
     p.add_argument("--no_vit", action="store_true", help="skip the ViT comparison")

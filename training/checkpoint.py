@@ -14,7 +14,8 @@ import torch
 
 FORMAT = "vim-cifar-checkpoint/1"
 # Settings that change what the weights mean: a checkpoint made with others cannot continue this run.
-MODEL_KEYS = ("arch", "dataset", "num_classes", "embed_dim", "depth", "patch_size", "input_size")
+MODEL_KEYS = ("arch", "dataset", "num_classes", "embed_dim", "depth", "patch_size", "input_size", "stem")
+SAVED_DEFAULTS = {"stem": "patch"}  # what a checkpoint from before a MODEL_KEYS entry existed was made with
 
 
 class CheckpointError(Exception):
@@ -73,8 +74,8 @@ def load_checkpoint(path):
 def check_compatible(ckpt, cfg, path):
     """Refuse a checkpoint whose model or data set differs from this run's, naming every difference."""
     saved = ckpt["config"]
-    diffs = [f"{k} {saved.get(k)!r} (this run: {getattr(cfg, k)!r})"
-             for k in MODEL_KEYS if saved.get(k) != getattr(cfg, k)]
+    diffs = [f"{k} {saved.get(k, SAVED_DEFAULTS.get(k))!r} (this run: {getattr(cfg, k)!r})"
+             for k in MODEL_KEYS if saved.get(k, SAVED_DEFAULTS.get(k)) != getattr(cfg, k)]
     if diffs:
         raise CheckpointError(f"{path} was made for a different run: " + "; ".join(diffs))
 

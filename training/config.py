@@ -55,6 +55,8 @@ def build_parser():
     m.add_argument("--depth", type=int, default=None, help="override the variant's depth")
     m.add_argument("--patch_size", type=int, default=None,
                    help="patch size (default 4 at 32x32: 64 patches + cls token; with --pretrained: the checkpoint's)")
+    m.add_argument("--stem", default="patch", help="how images become tokens: patch (Vim's patch embedding, "
+                   "--patch_size) or conv (two 3x3 conv + ReLU + max-pool stages, 4x4 pixels per token; not measured)")
     m.add_argument("--input_size", type=int, default=None,
                    help="input resolution; CIFAR images are resized up to it on the device (default 32; with "
                         "--pretrained: the checkpoint's, e.g. 224)")
@@ -124,7 +126,14 @@ def parse_config(argv=None):
     _check(0 <= args.label_smoothing < 1, "--label_smoothing must be in [0, 1)")
     _check(args.mixup_alpha >= 0 and args.cutmix_alpha >= 0, "--mixup_alpha and --cutmix_alpha must be >= 0")
     _check(0 <= args.drop_path < 1, "--drop_path must be in [0, 1)")
-    if args.pretrained:
+    _check(args.stem in ("patch", "conv"), f"--stem must be patch or conv, got {args.stem!r}")
+    if args.stem == "conv":
+        _check(not args.pretrained, "--stem conv trains from scratch; official checkpoints (--pretrained) use patches")
+        _check(args.patch_size is None, "--stem conv makes 4x4-pixel tokens itself; leave --patch_size out")
+        args.input_size = 32 if args.input_size is None else args.input_size
+        _check(args.input_size > 0 and args.input_size % 4 == 0, "--stem conv needs --input_size divisible by 4")
+        args.patch_size = 4  # the stem's stride: the token grid is the same as patch 4's
+    elif args.pretrained:
         _check(args.embed_dim is None and args.depth is None and args.patch_size is None,
                "--embed_dim, --depth and --patch_size come from the --pretrained checkpoint; leave them out")
         _check(args.input_size is None or args.input_size > 0, "--input_size must be positive")

@@ -164,6 +164,7 @@ class Run:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.arch, cfg.num_classes, embed_dim=cfg.embed_dim, depth=cfg.depth,
                                  patch_size=cfg.patch_size, img_size=cfg.input_size, drop_path=cfg.drop_path,
+                                 stem=cfg.stem,
                                  **self.pretrained_shape).to(device)
         self.scan = resolve_scan(cfg.scan, device)
         # causal-conv1d's kernel when installed, except under torch.compile, which fuses our PyTorch conv (and its
@@ -251,7 +252,7 @@ class Run:
         self.log.info(f"command: {cfg.command}")
         self.log.info("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(cfg).items()) if k != "command"))
         self.log.info(f"model: {cfg.arch} {n_params:,} parameters, {self.model.cfg.num_patches + 1} tokens "
-                      f"(patch {cfg.patch_size}), width {self.model.cfg.embed_dim}, depth {self.model.cfg.depth}")
+                      f"({'conv stem' if cfg.stem == 'conv' else f'patch {cfg.patch_size}'}), width {self.model.cfg.embed_dim}, depth {self.model.cfg.depth}")
         self.log.info(f"device: {gpu} x{self.world} | scan kernel: {self.scan} | causal-conv1d: "
                       f"{'yes' if self.causal_conv else 'no (PyTorch)'} | precision: "
                       f"{'bf16 autocast' if self.amp else 'fp32'}{' | torch.compile' if cfg.compile else ''}")
