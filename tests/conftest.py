@@ -43,3 +43,15 @@ def cifar100_dir(tmp_path):
 def tiny_args(tmp_path, data_dir, *extra):
     return TINY + ["--data_dir", data_dir, "--save_dir", str(tmp_path / "ckpt"), "--log_dir",
                    str(tmp_path / "logs"), "--run_id", "test", *extra]
+
+
+def after_setup(monkeypatch, fn):
+    """Run fn(run) right after engine.Run.setup (the model, EMA, optimizer and train step exist)."""
+    from training import engine
+    real_setup = engine.Run.setup
+
+    def setup(self):
+        real_setup(self)
+        fn(self)
+
+    monkeypatch.setattr(engine.Run, "setup", setup)

@@ -12,9 +12,8 @@ import torch
 
 import train_mamba_baseline
 import training.data as data_mod
-from conftest import tiny_args
+from conftest import after_setup, tiny_args
 from models.vim import build_model
-from training import engine
 
 FAST = ["--no_use_randaugment"]
 EMA_KEYS = {"ema_loss", "ema_acc", "ema_acc5", "best_ema_acc"}
@@ -46,17 +45,6 @@ def records(base, dataset="cifar10"):
 
 def log(base, dataset="cifar10"):
     return (base / "logs" / f"mamba_tiny_{dataset}_baseline_test.log").read_text()
-
-
-def after_setup(monkeypatch, fn):
-    """Run fn(run) right after engine.Run.setup (model, EMA, optimizer and train step exist)."""
-    real = engine.Run.setup
-
-    def setup(self):
-        real(self)
-        fn(self)
-
-    monkeypatch.setattr(engine.Run, "setup", setup)
 
 
 def snapshot(module):

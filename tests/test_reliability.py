@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, make_cifar
+from conftest import TINY, after_setup, make_cifar
 
 import train_mamba_baseline as cli
 from training import data as data_mod
@@ -203,17 +203,6 @@ def _no_stray_children():
             c.proc.wait()
 
 
-def _after_setup(monkeypatch, fn):
-    """Run fn(run) right after engine.Run.setup (the model, optimizer and train step exist)."""
-    real_setup = engine.Run.setup
-
-    def setup(self):
-        real_setup(self)
-        fn(self)
-
-    monkeypatch.setattr(engine.Run, "setup", setup)
-
-
 # ---- shared runs -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -373,7 +362,7 @@ def test_exact_resume_after_sigterm_at_a_chosen_step(at_step, stopped_at, tmp_pa
             return train_step(micro_batches, lr)
         run.step = step
 
-    _after_setup(monkeypatch, signal_during_step)
+    after_setup(monkeypatch, signal_during_step)
     rc = call_main(run_args(data, save, logs, "a"))
     monkeypatch.undo()
     out = capsys.readouterr().out
@@ -497,7 +486,7 @@ def _inject_nan(monkeypatch, bad_steps, record=None):
             run.optimizer.register_step_pre_hook(lambda *a: record.update({run.pos.global_step: [snap()]}))
             run.optimizer.register_step_post_hook(lambda *a: record[run.pos.global_step].append(snap()))
 
-    _after_setup(monkeypatch, inject)
+    after_setup(monkeypatch, inject)
 
 
 def test_isolated_nonfinite_steps_are_skipped_and_counted(tmp_path, data, monkeypatch):
