@@ -55,10 +55,11 @@ import triton.language as tl
 # ones 2.76 ms, so a launch with fewer than WIDE_MIN_PROGRAMS_PER_SM programs of 64 channels per SM takes the
 # *_NARROW shapes (the crossover between batch 128 and 1024 is not measured).
 FWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=4, num_warps=1)
-BWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=2, num_warps=1)
+BWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=2, num_warps=1, CACHE_STEP=False, CACHE_DECAY=False)
 FWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=8, num_warps=1)
-BWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=4, num_warps=1)
+BWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=4, num_warps=1, CACHE_STEP=False, CACHE_DECAY=False)
 WIDE_MIN_PROGRAMS_PER_SM = 48
+LAST_LAUNCH = {}  # "fwd" / "bwd" -> registers per thread and spills of the last compiled launch
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 
@@ -149,7 +150,8 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
                 s_dub, s_dud, s_dul, s_dtb, s_dtd, s_dtl, s_dzb, s_dzd, s_dzl,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr):
+                REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
+                CACHE_STEP: tl.constexpr, CACHE_DECAY: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -201,27 +203,39 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
         h = tl.load(ck_ptr + tl.maximum(c - 1, 0) * (BLOCK_N * BLOCK_D) + ck_tile, mask=mask_nd & (c > 0), other=0.0)
         # Recompute the chunk's states: h_cur[k] = h_t and h_prev[k] = h_{t-1} for its k-th step t (the same values,
         # shifted: the tuples cost no registers twice, and indices stay plain loop constants).
+        # With CACHE_STEP the step's loaded vectors (u, delta, B) are kept for the way back too, and with CACHE_DECAY
+        # its exp(delta_t*A) tile: fewer loads and exponentials against more live registers (--scan_sweep times both).
         h_prev = ()
         h_cur = ()
+        steps = ()
+        decays = ()
         for k in tl.static_range(BLOCK_L):
             t = c * BLOCK_L + k
             p = _position(t, L, REVERSE)
             m_d = mask_d & (t < L)
             u = _load(u_ptr, p * s_ul + offs_d * s_ud, m_d)
-            dt, _ = _load_delta(dt_ptr, p * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
+            dt, dt_raw = _load_delta(dt_ptr, p * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
             Bt = _load(B_ptr, p * s_Bl + offs_n * s_Bn, mask_n & (t < L))
             h_prev = h_prev + (h,)
-            h = tl.exp2((dt * LOG2E)[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
+            a = tl.exp2((dt * LOG2E)[None, :] * A)
+            h = a * h + Bt[:, None] * (dt * u)[None, :]
             h_cur = h_cur + (h,)
+            if CACHE_STEP:
+                steps = steps + ((u, dt, dt_raw, Bt),)
+            if CACHE_DECAY:
+                decays = decays + (a,)
         # Step back through the chunk with the adjoint state g.
         for k in tl.static_range(BLOCK_L - 1, -1, -1):
             t = c * BLOCK_L + k
             p = _position(t, L, REVERSE)
             m_d = mask_d & (t < L)
             m_n = mask_n & (t < L)
-            u = _load(u_ptr, p * s_ul + offs_d * s_ud, m_d)
-            dt, dt_raw = _load_delta(dt_ptr, p * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
-            Bt = _load(B_ptr, p * s_Bl + offs_n * s_Bn, m_n)
+            if CACHE_STEP:
+                u, dt, dt_raw, Bt = steps[k]
+            else:
+                u = _load(u_ptr, p * s_ul + offs_d * s_ud, m_d)
+                dt, dt_raw = _load_delta(dt_ptr, p * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
+                Bt = _load(B_ptr, p * s_Bl + offs_n * s_Bn, m_n)
             Ct = _load(C_ptr, p * s_Cl + offs_n * s_Cn, m_n)
             dy = _load(dout_ptr, p * s_ol + offs_d * s_od, m_d)
             if HAS_Z:
@@ -232,7 +246,11 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 tl.store(dz_ptr + p * s_dzl + offs_d * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
                 dy = dy * z * sz
             g = Ct[:, None] * dy[None, :] + q                 # g_t = C_t*dy_t + a_{t+1}*g_{t+1}
-            q = tl.exp2((dt * LOG2E)[None, :] * A) * g        # a_t*g_t, passed back to step t-1
+            if CACHE_DECAY:
+                a = decays[k]
+            else:
+                a = tl.exp2((dt * LOG2E)[None, :] * A)
+            q = a * g                                         # a_t*g_t, passed back to step t-1
             ghb = q * h_prev[k]                               # g_t * a_t * h_{t-1}
             dA_acc += ghb * dt[None, :]
             gB = tl.sum(g * Bt[:, None], axis=0)
@@ -281,10 +299,15 @@ def _pick(wide, narrow, u):
 
 
 def _launch(cfg, Dim, L, N):
-    """Block sizes of one launch, shrunk for tiny problems (tests)."""
-    return dict(BLOCK_D=min(cfg["BLOCK_D"], max(triton.next_power_of_2(Dim), 16)),
-                BLOCK_L=min(cfg["BLOCK_L"], triton.next_power_of_2(L)),
-                BLOCK_N=triton.next_power_of_2(N), num_warps=cfg["num_warps"])
+    """Block sizes of one launch, shrunk for tiny problems (tests); the config's other keys pass through."""
+    return dict(cfg, BLOCK_D=min(cfg["BLOCK_D"], max(triton.next_power_of_2(Dim), 16)),
+                BLOCK_L=min(cfg["BLOCK_L"], triton.next_power_of_2(L)), BLOCK_N=triton.next_power_of_2(N))
+
+
+def _note_launch(kind, kernel):
+    """Keep the registers and spills of the last compiled launch of each kernel (for --scan_sweep)."""
+    if hasattr(kernel, "n_regs"):  # a compiled kernel (the interpreter returns none)
+        LAST_LAUNCH[kind] = dict(regs=kernel.n_regs, spills=kernel.n_spills)
 
 
 def _flags(D, z, delta_bias, delta_softplus, reverse):
@@ -299,11 +322,11 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
     meta = _launch(_pick(FWD_CONFIG, FWD_CONFIG_NARROW, u), Dim, L, A.shape[1])
     grid = (triton.cdiv(Dim, meta["BLOCK_D"]), Bsz)
     z_strides = z.stride() if z is not None else (0, 0, 0)
-    _fwd_kernel[grid](
+    _note_launch("fwd", _fwd_kernel[grid](
         u, delta, At, B, C, D if D is not None else u, z if z is not None else u,
         delta_bias if delta_bias is not None else u, out,
         Dim, L, A.shape[1], *u.stride(), *delta.stride(), *At.stride(), *B.stride(), *C.stride(), *z_strides,
-        *out.stride(), **_flags(D, z, delta_bias, delta_softplus, reverse), **meta)
+        *out.stride(), **_flags(D, z, delta_bias, delta_softplus, reverse), **meta))
     return out
 
 
@@ -325,13 +348,13 @@ def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
     dbias = torch.empty(Bsz, Dim, **f32)
     ck = torch.empty(max((triton.cdiv(L, meta["BLOCK_L"]) - 1) * grid[0] * Bsz * tile, 1), **f32)
     z_strides = z.stride() if z is not None else (0, 0, 0)
-    _bwd_kernel[grid](
+    _note_launch("bwd", _bwd_kernel[grid](
         u, delta, At, B, C, D if D is not None else u, z if z is not None else u,
         delta_bias if delta_bias is not None else u, dout,
         du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, dbias, ck,
         Dim, L, N, *u.stride(), *delta.stride(), *At.stride(), *B.stride(), *C.stride(), *z_strides,
         *dout.stride(), *du.stride(), *ddelta.stride(), *(dz.stride() if dz is not None else (0, 0, 0)),
-        **_flags(D, z, delta_bias, delta_softplus, reverse), **meta)
+        **_flags(D, z, delta_bias, delta_softplus, reverse), **meta))
     dA = dA.sum(0).t().contiguous().to(A.dtype)
     dB = dB.transpose(1, 2).contiguous().to(B.dtype)  # (B, N, L)
     dC = dC.transpose(1, 2).contiguous().to(C.dtype)

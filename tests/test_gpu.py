@@ -75,14 +75,20 @@ def test_model_fast_path_matches_reference(backend, compiled, amp):
         assert err < tol["rtol"] * 10, f"{n}: max gradient error {err:.2e} of its largest value"
 
 
-def test_cli_trains_on_gpu(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--compile", "--model_ema"]], ids=["eager", "compiled_ema"])
+def test_cli_trains_on_gpu(tmp_path, extra):
     from tests.conftest import make_cifar
     import train_mamba_baseline
     data = make_cifar(str(tmp_path / "d"), n_train=256, n_test=64)
-    rc = train_mamba_baseline.main(["--arch", "mamba_tiny", "--depth", "2", "--epochs", "2", "--warmup_epochs", "1",
-                                    "--batch_size", "64", "--data_dir", data, "--save_dir", str(tmp_path / "c"),
-                                    "--log_dir", str(tmp_path / "l"), "--run_id", "gpu", "--no_progress"])
-    assert rc == 0
+    args = ["--arch", "mamba_tiny", "--depth", "2", "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "64",
+            "--data_dir", data, "--save_dir", str(tmp_path / "c"), "--log_dir", str(tmp_path / "l"), "--no_progress"]
+    assert train_mamba_baseline.main(args + ["--run_id", "gpu"] + extra) == 0
     log = (tmp_path / "l" / "mamba_tiny_cifar10_baseline_gpu.log").read_text()
     from models.scan import resolve_scan
     assert "scan kernel: " + resolve_scan("auto", "cuda") in log and "bf16 autocast" in log
+    assert ("torch.compile" in log) == ("--compile" in extra)
+    # one more epoch from the last checkpoint (a compiled model saves and resumes plain weights)
+    args[args.index("--epochs") + 1] = "3"
+    assert train_mamba_baseline.main(args + ["--run_id", "gpu2", "--resume", "auto"] + extra) == 0
+    ckpt = torch.load(tmp_path / "c" / "mamba_tiny_cifar10_last.pth", map_location="cpu", weights_only=False)
+    assert ckpt["position"]["epoch"] == 3 and not any(k.startswith("_orig_mod") for k in ckpt["model"])

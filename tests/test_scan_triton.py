@@ -49,7 +49,13 @@ CASES = [
 ]
 # Interpreter launch shapes: small tiles keep the interpreter fast and still give several channel blocks and chunks.
 INTERPRETER_CONFIG = dict(FWD_CONFIG=dict(BLOCK_D=16, BLOCK_L=4, num_warps=1),
-                          BWD_CONFIG=dict(BLOCK_D=16, BLOCK_L=4, num_warps=1))
+                          BWD_CONFIG=dict(BLOCK_D=16, BLOCK_L=4, num_warps=1, CACHE_STEP=False, CACHE_DECAY=False))
+# The backward's caching variants (kept loads, kept exp(delta*A) tiles), each on cases with a partial chunk, a
+# reverse scan and a missing z.
+CACHED_CONFIGS = {"cache_step": dict(CACHE_STEP=True, CACHE_DECAY=False),
+                  "cache_decay": dict(CACHE_STEP=False, CACHE_DECAY=True),
+                  "cache_both": dict(CACHE_STEP=True, CACHE_DECAY=True)}
+CACHED_CASES = [CASES[2], CASES[4], CASES[8]]
 
 
 def make_inputs(case, device, dtype=torch.float32):
@@ -104,10 +110,18 @@ def compare(got, want):
     return errors
 
 
-def check_case(case, device, dtype, tol):
-    from models.scan_triton import selective_scan_triton
+def check_case(case, device, dtype, tol, bwd_flags=None):
+    """bwd_flags: the backward's caching flags to use instead of the configured ones (every launch shape)."""
+    import models.scan_triton as st
     inputs = make_inputs(case, device, dtype)
-    got = run_scan(selective_scan_triton, inputs, case["softplus"], case["reverse"])
+    saved = {k: getattr(st, k) for k in ("BWD_CONFIG", "BWD_CONFIG_NARROW")}
+    try:
+        for name, cfg in saved.items():
+            setattr(st, name, dict(cfg, **(bwd_flags or {})))
+        got = run_scan(st.selective_scan_triton, inputs, case["softplus"], case["reverse"])
+    finally:
+        for name, cfg in saved.items():
+            setattr(st, name, cfg)
     want = run_scan(selective_scan_ref, inputs, case["softplus"], case["reverse"])
     errors = compare(got, want)
     bad = {k: v for k, v in errors.items() if not v <= tol}
@@ -148,6 +162,10 @@ def _child_main(out_path):
     results = {}
     checks = [(case["id"], lambda case=case: check_case(case, "cpu", torch.float32, tol=1e-4)) for case in CASES]
     checks += [("model_eager", lambda: check_model(compiled=False)), ("model_compiled", lambda: check_model(True))]
+    for variant, flags in CACHED_CONFIGS.items():
+        checks += [(f"{variant}-{case['id']}",
+                    lambda case=case, flags=flags: check_case(case, "cpu", torch.float32, tol=1e-4, bwd_flags=flags))
+                   for case in CACHED_CASES]
     for name, check in checks:
         try:
             check()
@@ -184,6 +202,15 @@ def test_interpreted_model_matches_reference(check, interpreted_results):
     assert failure is None, failure
 
 
+CACHED_IDS = [f"{variant}-{case['id']}" for variant in CACHED_CONFIGS for case in CACHED_CASES]
+
+
+@pytest.mark.parametrize("check", CACHED_IDS)
+def test_interpreted_cached_backward_matches_reference(check, interpreted_results):
+    failure = interpreted_results[check]
+    assert failure is None, failure
+
+
 def test_launch_shapes_follow_the_number_of_programs(monkeypatch):
     """Wide channel blocks only when the batch gives every SM enough programs; the interpreter takes FWD_CONFIG."""
     pytest.importorskip("triton")
@@ -213,6 +240,14 @@ TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_gpu_small_cases(case):
     check_case(case, "cuda", torch.float32, tol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("variant", CACHED_CONFIGS)
+@pytest.mark.parametrize("case", CACHED_CASES + MODEL_CASES[2:], ids=[c["id"] for c in CACHED_CASES + MODEL_CASES[2:]])
+def test_gpu_cached_backward(case, variant):
+    check_case(case, "cuda", torch.float32, tol=1e-4 if case["D"] < 768 else 1e-3, bwd_flags=CACHED_CONFIGS[variant])
 
 
 @pytest.mark.gpu

@@ -31,11 +31,12 @@ def build_vit(width, depth, patch_size, num_classes):
                              num_heads=max(1, width // 64), num_classes=num_classes, drop_path_rate=0.1)
 
 
-def time_steps(model, device, batch_size, steps, warmup, amp, compile_model, randaugment=True):
-    """-> (images/s, peak memory in GiB or None). Synthetic uint8 CIFAR-shaped data already on the device."""
+def time_steps(model, device, batch_size, steps, warmup, amp, compile_model, randaugment=True, compile_mode=None):
+    """-> (images/s, peak memory in GiB or None). Synthetic uint8 CIFAR-shaped data already on the device.
+    compile_mode: torch.compile's mode for the model ("reduce-overhead": CUDA graphs)."""
     opt = build_optimizer(model, 1e-3, 0.05, device)
     mean, std = MEAN_STD["cifar10"]
-    train_model = torch.compile(model) if compile_model else model
+    train_model = torch.compile(model, mode=compile_mode) if compile_model else model
     step = TrainStep(model, opt, num_classes=10, mean=mean, std=std, use_randaugment=randaugment, amp=amp,
                      train_model=train_model)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -78,8 +79,10 @@ def run_row(kind, arch, width, depth, patch, batch, args, device):
             scan = resolve_scan(args.scan, device)
             conv = device.type == "cuda" and scan != "ref" and causal_conv1d_available() and not args.compile
             model.set_kernels(scan, conv)
-            row.update(scan=scan, causal_conv1d=conv, compiled=args.compile, stem=args.stem)
-            ips, peak = time_steps(model, device, batch, args.steps, args.warmup, amp, compile_model=args.compile)
+            row.update(scan=scan, causal_conv1d=conv, compiled=args.compile, stem=args.stem,
+                       compile_mode=args.compile_mode if args.compile else None)
+            ips, peak = time_steps(model, device, batch, args.steps, args.warmup, amp, compile_model=args.compile,
+                                   compile_mode=args.compile_mode)
         row.update(images_per_s=round(ips, 1), peak_mem_gib=None if peak is None else round(peak, 2))
     except torch.cuda.OutOfMemoryError:
         row.update(images_per_s=None, peak_mem_gib="OOM")
@@ -151,32 +154,44 @@ def scan_bench(backends, batch_sizes, dim=768, state=16, lengths=(65, 257), reps
     return rows
 
 
+def _sweep_shapes():
+    """(kind, config) pairs that --scan_sweep times: launch shapes, and the backward's caching variants."""
+    import itertools
+    for block_d, block_l in itertools.product((32, 64), (4, 8)):
+        yield "fwd", dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=1)
+    for block_d, block_l, (step, decay) in itertools.product((32, 64), (1, 2, 4), ((0, 0), (1, 0), (1, 1))):
+        yield "bwd", dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=1, CACHE_STEP=bool(step), CACHE_DECAY=bool(decay))
+    yield "bwd", dict(BLOCK_D=128, BLOCK_L=2, num_warps=2, CACHE_STEP=False, CACHE_DECAY=False)
+
+
 def scan_sweep(batch_sizes, dim=768, state=16, lengths=(65,), reps=20):
-    """Launch shapes of the Triton scan (block of channels, steps per iteration, warps), forward and backward
-    separately, each shape at every batch; the fastest go into models/scan_triton.py's FWD_CONFIG and BWD_CONFIG
-    (large batches) and their _NARROW forms (small ones). -> rows."""
+    """Launch shapes of the Triton scan (block of channels, steps per iteration, warps; for the backward also its
+    caching flags), forward and backward timed separately, each at every batch, with the compiled kernel's registers
+    per thread and spills; the fastest go into models/scan_triton.py's FWD_CONFIG and BWD_CONFIG (large batches) and
+    their _NARROW forms (small ones). -> rows."""
     import itertools
     import models.scan_triton as st
     saved = {k: getattr(st, k) for k in ("FWD_CONFIG", "BWD_CONFIG", "FWD_CONFIG_NARROW", "BWD_CONFIG_NARROW")}
     rows = []
     for length, batch in itertools.product(lengths, batch_sizes):
         inputs = _scan_inputs(batch, length, dim, state)
-        for kind, grid in (("fwd", itertools.product((16, 32, 64), (4, 8), (1, 2))),
-                           ("bwd", itertools.product((16, 32, 64), (2, 4), (1, 2)))):
-            for block_d, block_l, warps in grid:
-                cfg = dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
-                for name in ("FWD_CONFIG", "FWD_CONFIG_NARROW") if kind == "fwd" else \
-                        ("BWD_CONFIG", "BWD_CONFIG_NARROW"):  # this shape at any batch
-                    setattr(st, name, cfg)
-                try:
-                    ms_fwd, ms = _time_scan(st.selective_scan_triton, inputs, reps)
-                    ms_kind = ms_fwd if kind == "fwd" else ms - ms_fwd
-                except Exception as e:
-                    ms_kind = None
-                    print(f"  {kind} {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
-                rows.append(dict(kind=kind, batch=batch, length=length, dim=dim, **cfg, ms=ms_kind))
-                print(f"sweep {kind} batch {batch:>5} L {length:>4} BLOCK_D {block_d:>3} BLOCK_L {block_l:>3} "
-                      f"warps {warps}: {'-' if ms_kind is None else f'{ms_kind:.2f} ms'}", flush=True)
+        for kind, cfg in _sweep_shapes():
+            for name in ("FWD_CONFIG", "FWD_CONFIG_NARROW") if kind == "fwd" else ("BWD_CONFIG", "BWD_CONFIG_NARROW"):
+                setattr(st, name, cfg)  # this shape at any batch
+            st.LAST_LAUNCH.clear()
+            try:
+                ms_fwd, ms = _time_scan(st.selective_scan_triton, inputs, reps)
+                ms_kind = ms_fwd if kind == "fwd" else ms - ms_fwd
+            except Exception as e:
+                ms_kind = None
+                print(f"  {kind} {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
+            regs = st.LAST_LAUNCH.get(kind, {})
+            rows.append(dict(kind=kind, batch=batch, length=length, dim=dim, **cfg, ms=ms_kind, **regs))
+            flags = " ".join(k for k in ("CACHE_STEP", "CACHE_DECAY") if cfg.get(k))
+            print(f"sweep {kind} batch {batch:>5} L {length:>4} BLOCK_D {cfg['BLOCK_D']:>3} BLOCK_L "
+                  f"{cfg['BLOCK_L']:>2} warps {cfg['num_warps']} {flags or '-':<22}: "
+                  f"{'-' if ms_kind is None else f'{ms_kind:.2f} ms'}  regs {regs.get('regs', '-')} "
+                  f"spills {regs.get('spills', '-')}", flush=True)
             for name, value in saved.items():
                 setattr(st, name, value)
     return rows
@@ -191,6 +206,8 @@ def main(argv=None):
     p.add_argument("--stem", default="patch", choices=("patch", "conv"), help="the Vision Mamba's tokenizer")
     p.add_argument("--scan", default="auto", choices=SCAN_CHOICES)
     p.add_argument("--compile", action="store_true", help="torch.compile the Vision Mamba too")
+    p.add_argument("--compile_mode", default=None, choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                   help="torch.compile's mode for the Vision Mamba (reduce-overhead: CUDA graphs)")
     p.add_argument("--no_vit", action="store_true", help="skip the ViT comparison")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -201,6 +218,7 @@ def main(argv=None):
     p.add_argument("--scan_sweep", action="store_true",
                    help="time the Triton scan's launch shapes (forward and backward) at 65 tokens")
     args = p.parse_args(argv)
+    args.compile = args.compile or args.compile_mode is not None
     if args.scan_only is not None or args.scan_sweep:
         if not torch.cuda.is_available():
             print("benchmark.py: error: --scan_only and --scan_sweep need a CUDA GPU", file=sys.stderr)
