@@ -18,7 +18,7 @@ block, an (N, channels) fp32 tile, stays in registers; nothing of size B*D*L*N i
 
 Backward, per program, with nothing saved by the forward but its inputs:
   pass 1  runs the recurrence forward and writes the state at the end of every chunk of BLOCK_L steps to an fp32
-          scratch of B*D*N*(L/BLOCK_L) values (16x the bytes of a bf16 (B, D, L) tensor at BLOCK_L = 2, N = 16), freed
+          scratch of B*D*N*(L/BLOCK_L) values (32x the bytes of a bf16 (B, D, L) tensor at BLOCK_L = 1, N = 16), freed
           when the backward returns;
   pass 2  walks the chunks from last to first. It recomputes the chunk's states from the saved boundary state, keeping
           them in registers, then steps back through the chunk with the adjoint state
@@ -48,14 +48,19 @@ import triton.language as tl
 # steps long. Triton derives the register layout from the coalesced load of the (N, BLOCK_D) tile of A: consecutive
 # channels per thread, lanes over the rest of the channels and then over the states, so sums over either axis are
 # mostly in-thread; more warps would split the states across warps (sums through shared memory).
-# Chosen by `python tools/benchmark.py --scan_sweep --batch_sizes 1024` on an H200 (D=768, N=16, 65 tokens, bf16,
-# both directions): forward 1.16 ms at (64, 4, 1 warp) against 1.43 ms at (32, 8, 1); backward 7.82 ms at (64, 2, 1)
-# against 8.98 ms at (32, 4, 1). Shorter backward chunks keep fewer recomputed states in registers. Wide blocks need
-# many programs to fill the GPU: at batch 128 the (32, ...) shapes took 1.92 ms forward + backward and the (64, ...)
-# ones 2.76 ms, so a launch with fewer than WIDE_MIN_PROGRAMS_PER_SM programs of 64 channels per SM takes the
-# *_NARROW shapes (the crossover between batch 128 and 1024 is not measured).
+# Chosen by `python tools/benchmark.py --scan_sweep --batch_sizes 128 1024` on an H200 (D=768, N=16, 65 tokens, bf16,
+# both directions; docs/results/scan_sweep_cache.log). At batch 1024: forward 1.18 ms at (64, 4, 1 warp) against 1.23
+# at (32, 4, 1); backward 7.12 ms at (64, 1, 1) with CACHE_STEP, 7.14 without, 7.91 at (64, 2, 1), 7.27 at (32, 1, 1).
+# The 64-channel backward uses all 255 registers a thread may have and spills (14 values at BLOCK_L 1, 76 at 2, 204
+# at 4): longer chunks keep more recomputed states live and lose more than their overlapped loads win back. Wide
+# blocks need many programs to fill the GPU: at batch 128 the (32, ...) shapes took 1.92 ms forward + backward and
+# the (64, ...) ones 2.76 ms, so a launch with fewer than WIDE_MIN_PROGRAMS_PER_SM programs of 64 channels per SM
+# takes the *_NARROW shapes (batch 512 and below for D=768 on 132 SMs). At batch 128 the sweep found the backward at
+# (32, 2, 1) with both caches 1.76 ms against 1.87 for the narrow shape below, and the forward at (32, 4, 1) 0.23 ms
+# against 0.27; but a mamba_small training step at batch 512 (compiled) with those two ran at 3,259 images/s against
+# 3,585 with the shapes below (measured in another session), so the narrow shapes stay until a step-level A/B decides.
 FWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=4, num_warps=1)
-BWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=2, num_warps=1, CACHE_STEP=False, CACHE_DECAY=False)
+BWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=1, num_warps=1, CACHE_STEP=True, CACHE_DECAY=False)
 FWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=8, num_warps=1)
 BWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=4, num_warps=1, CACHE_STEP=False, CACHE_DECAY=False)
 WIDE_MIN_PROGRAMS_PER_SM = 48
