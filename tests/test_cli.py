@@ -316,8 +316,9 @@ def test_missing_data_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
 
 
 def test_conv_stem_runs_and_a_checkpoint_keeps_its_stem(tmp_path, cifar10_dir, capsys):
-    """--stem conv trains with 64 tokens and its stem's weights; a checkpoint of one stem is refused by a run of
-    the other (one line, exit 2); a checkpoint from before --stem existed resumes as the patch stem."""
+    """--stem conv trains with 64 tokens and its stem's weights; a checkpoint of one stem is refused by a run that
+    asks for the other (one line, exit 2) and resumed as it was made when --stem is left at auto; a checkpoint from
+    before --stem existed resumes as the patch stem."""
     def args(name, *extra):
         argv = tiny_args(tmp_path / name, cifar10_dir, *PLAIN, "--epochs", "2", "--warmup_epochs", "0",
                          "--save_freq", "1", "--train_subset", "8", "--test_subset", "8", *extra)
@@ -331,11 +332,17 @@ def test_conv_stem_runs_and_a_checkpoint_keeps_its_stem(tmp_path, cifar10_dir, c
     assert ck["config"]["stem"] == "conv" and "patch_embed.proj.3.weight" in ck["model"]
 
     capsys.readouterr()
-    assert train_mamba_baseline.main(args("patch", "--resume", str(conv.ckpt_path("epoch1")))) == 2
+    assert train_mamba_baseline.main(args("patch", "--stem", "patch", "--resume", str(conv.ckpt_path("epoch1")))) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "stem 'conv' (this run: 'patch')" in err
 
-    assert train_mamba_baseline.main(args("old", "--epochs", "1")) == 0  # a patch-stem checkpoint, made old:
+    assert train_mamba_baseline.main(args("patch1", "--stem", "patch", "--epochs", "1")) == 0
+    assert train_mamba_baseline.main(args("auto", "--resume", str(Run(tmp_path / "patch1", []).ckpt_path("epoch1")))) == 0
+    auto = Run(tmp_path / "auto", [])
+    assert auto.ckpt()["config"]["stem"] == "patch" and auto.ckpt()["position"]["epoch"] == 2
+    assert "65 tokens (patch 4)" in auto.log()
+
+    assert train_mamba_baseline.main(args("old", "--stem", "patch", "--epochs", "1")) == 0  # made old:
     old = Run(tmp_path / "old", []).ckpt_path("epoch1")
     ck = torch.load(old, map_location="cpu", weights_only=True)
     del ck["config"]["stem"]

@@ -19,7 +19,7 @@ SPEC_DEFAULTS = dict(
     min_lr=1e-5, warmup_lr=1e-6, eval_batch_size=1024, seed=0, device="auto", precision="auto", max_bad_steps=20,
     deterministic=False, compile=False, use_crop=True, use_flip=True, num_workers=0, train_subset=0,
     test_subset=0, resume=None, save_every_minutes=0.0, no_progress=False, model_ema=False, model_ema_decay=0.9999,
-    stem="patch",
+    stem="conv", stem_auto=True,
 )
 
 
@@ -244,6 +244,18 @@ def test_conv_stem():
     cfg = parse_config(["--stem", "conv"])
     assert (cfg.stem, cfg.patch_size, cfg.input_size) == ("conv", 4, 32)
     assert parse_config(["--stem", "conv", "--input_size", "64"]).input_size == 64
+
+
+@pytest.mark.parametrize("argv,stem,patch", [
+    ([], "conv", 4), (["--input_size", "64"], "conv", 4), (["--patch_size", "4"], "patch", 4),
+    (["--patch_size", "2"], "patch", 2), (["--pretrained", "/tmp/vim.pth"], "patch", None),
+    (["--stem", "patch"], "patch", 4), (["--stem", "auto", "--patch_size", "8"], "patch", 8)])
+def test_stem_auto(argv, stem, patch):
+    """--stem auto (the default): the conv stem from scratch; patches when a patch size or official weights are given;
+    an explicit --stem is kept as given (stem_auto False), which a resume then checks against the checkpoint."""
+    cfg = parse_config(argv)
+    assert (cfg.stem, cfg.patch_size) == (stem, patch)
+    assert cfg.stem_auto == ("--stem" not in argv or "auto" in argv)
 
 
 def test_patch_size_must_divide_the_input_size():

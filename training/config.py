@@ -55,8 +55,9 @@ def build_parser():
     m.add_argument("--depth", type=int, default=None, help="override the variant's depth")
     m.add_argument("--patch_size", type=int, default=None,
                    help="patch size (default 4 at 32x32: 64 patches + cls token; with --pretrained: the checkpoint's)")
-    m.add_argument("--stem", default="patch", help="how images become tokens: patch (Vim's patch embedding, "
-                   "--patch_size) or conv (two 3x3 conv + ReLU + max-pool stages, 4x4 pixels per token; not measured)")
+    m.add_argument("--stem", default="auto", help="how images become tokens: conv (two 3x3 conv + ReLU + max-pool "
+                   "stages, 4x4 pixels per token) or patch (Vim's patch embedding, --patch_size); auto (default): "
+                   "conv from scratch, patch with --patch_size or --pretrained, and a resumed run's own stem")
     m.add_argument("--input_size", type=int, default=None,
                    help="input resolution; CIFAR images are resized up to it on the device (default 32; with "
                         "--pretrained: the checkpoint's, e.g. 224)")
@@ -126,7 +127,12 @@ def parse_config(argv=None):
     _check(0 <= args.label_smoothing < 1, "--label_smoothing must be in [0, 1)")
     _check(args.mixup_alpha >= 0 and args.cutmix_alpha >= 0, "--mixup_alpha and --cutmix_alpha must be >= 0")
     _check(0 <= args.drop_path < 1, "--drop_path must be in [0, 1)")
-    _check(args.stem in ("patch", "conv"), f"--stem must be patch or conv, got {args.stem!r}")
+    _check(args.stem in ("auto", "patch", "conv"), f"--stem must be auto, patch or conv, got {args.stem!r}")
+    # The conv stem won the 40-epoch ablation (README, Results); a patch size or official weights ask for patches.
+    # A resumed run with --stem left at auto takes the checkpoint's stem (training/engine.py).
+    args.stem_auto = args.stem == "auto"
+    if args.stem_auto:
+        args.stem = "patch" if (args.pretrained or args.patch_size is not None) else "conv"
     if args.stem == "conv":
         _check(not args.pretrained, "--stem conv trains from scratch; official checkpoints (--pretrained) use patches")
         _check(args.patch_size is None, "--stem conv makes 4x4-pixel tokens itself; leave --patch_size out")

@@ -20,8 +20,8 @@ from models.scan import resolve_scan
 from models.pretrained import load_pretrained, matching_variant, pretrained_model_config
 from models.vim import build_model
 from training import distributed as ddp
-from training.checkpoint import (CheckpointError, RunLock, check_compatible, checkpoint_paths, load_checkpoint,
-                                 rng_state, save_checkpoint, set_rng_state)
+from training.checkpoint import (SAVED_DEFAULTS, CheckpointError, RunLock, check_compatible, checkpoint_paths,
+                                 load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from training.config import UsageError
 from training.data import IMAGENET_MEAN_STD, MEAN_STD, DeviceData, load_cifar
 from training.logs import RunLog, log_paths, progress
@@ -135,6 +135,8 @@ class Run:
         resume_path = find_resume(cfg) if cfg.resume else None
         self.ckpt = load_checkpoint(resume_path) if resume_path else None
         if self.ckpt:
+            if cfg.stem_auto:  # --stem left at its default: the run goes on with the stem it was made with
+                cfg.stem = self.ckpt["config"].get("stem", SAVED_DEFAULTS["stem"])
             check_compatible(self.ckpt, cfg, resume_path)
             done = self.ckpt["position"]
             if done["epoch"] >= cfg.epochs and done["step_in_epoch"] == 0:
