@@ -79,6 +79,13 @@ def without_times(records):
     return [{k: v for k, v in r.items() if k not in TIMES} for r in records]
 
 
+@pytest.mark.parametrize("device,deterministic,expected", [
+    ("cpu", False, False), ("cuda", False, True), ("cuda", True, False)])
+def test_compile_default_follows_the_device(device, deterministic, expected):
+    from training.engine import default_compile
+    assert default_compile(torch.device(device), deterministic) is expected
+
+
 def test_smoke_run_logs_metrics_and_checkpoints(tmp_path, cifar10_dir):
     r = run(tmp_path, cifar10_dir, *FAST, "--epochs", "4", "--warmup_epochs", "1", "--save_freq", "2",
             "--train_subset", "16", "--test_subset", "12")
@@ -88,6 +95,7 @@ def test_smoke_run_logs_metrics_and_checkpoints(tmp_path, cifar10_dir):
     params = sum(p.numel() for p in build_model("mamba_tiny", 10, embed_dim=16, depth=2, patch_size=8).parameters())
     assert f"{params:,} parameters" in log
     assert re.search(r"device: cpu", log) and "scan kernel: ref" in log
+    assert "torch.compile" not in log and "compile=False" in log                # the default on the CPU: off
     assert "16 train / 12 test images" in log and "2 steps/epoch" in log      # the subsets took effect
     epoch_lines = re.findall(r"^.*epoch +(\d+)/4 \|.*$", log, flags=re.M)
     assert epoch_lines == ["1", "2", "3", "4"]
@@ -123,7 +131,7 @@ def test_smoke_run_logs_metrics_and_checkpoints(tmp_path, cifar10_dir):
     assert (pos["epoch"], pos["step_in_epoch"], pos["global_step"]) == (4, 0, 8)
     assert pos["best_acc"] == best and pos["history"] == recs
     assert isinstance(ck["rng"]["torch"], torch.Tensor) and "numpy" in ck["rng"] and "python" in ck["rng"]
-    assert ck["config"] == vars(parse_config(r.argv))
+    assert ck["config"] == dict(vars(parse_config(r.argv)), compile=False)  # the run resolves --compile's default
     # the other checkpoints are snapshots of their epoch
     assert r.ckpt("epoch2")["position"]["epoch"] == 2 and r.ckpt("epoch2")["position"]["history"] == recs[:2]
     assert_same_weights(r.ckpt("epoch4")["model"], ck["model"])

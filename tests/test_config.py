@@ -17,7 +17,7 @@ SPEC_DEFAULTS = dict(
     # the rest of the flags
     embed_dim=None, depth=None, patch_size=4, drop_path=0.1, scan="auto", accum_steps=1, clip_grad=0.0,
     min_lr=1e-5, warmup_lr=1e-6, eval_batch_size=1024, seed=0, device="auto", precision="auto", max_bad_steps=20,
-    deterministic=False, compile=False, use_crop=True, use_flip=True, num_workers=0, train_subset=0,
+    deterministic=False, compile=None, use_crop=True, use_flip=True, num_workers=0, train_subset=0,
     test_subset=0, resume=None, save_every_minutes=0.0, no_progress=False, model_ema=False, model_ema_decay=0.9999,
     stem="conv", stem_auto=True,
 )
@@ -77,8 +77,17 @@ def test_every_flag_parses_to_its_field():
     assert cfg.command == "train_mamba_baseline.py " + " ".join(argv)
 
 
+def test_compile_defaults_to_the_engine_s_choice():
+    """--compile / --no_compile set it; left out it is None, which the run resolves (on with CUDA, unless
+    --deterministic; tests/test_cli.py)."""
+    assert parse_config([]).compile is None
+    assert parse_config(["--no_compile"]).compile is False
+    assert parse_config(["--no_compile", "--compile"]).compile is True
+
+
 def test_the_parser_has_no_untested_flag():
-    known = set(EVERY_FLAG) | set(PRETRAINED) | set(STEM) | set(SWITCHES_OFF) | set(FLAGS_ON) | set(SWITCHES_ON) | {"-h", "--help"}
+    known = set(EVERY_FLAG) | set(PRETRAINED) | set(STEM) | set(SWITCHES_OFF) | set(FLAGS_ON) | set(SWITCHES_ON) | \
+        {"-h", "--help", "--no_compile"}
     flags = {s for a in build_parser()._actions for s in a.option_strings}
     assert flags == known, f"flags without a test: {flags - known}; tested but gone: {known - flags}"
 

@@ -76,7 +76,9 @@ def build_parser():
     t.add_argument("--precision", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
     t.add_argument("--max_bad_steps", type=int, default=20,
                    help="stop after this many consecutive steps with a non-finite loss")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model for training (CUDA)")
+    t.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
+                   help="torch.compile the model for training (default: on with CUDA unless --deterministic)")
+    t.add_argument("--no_compile", dest="compile", action="store_const", const=False, help="turn --compile off")
     t.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
     t.add_argument("--model_ema", action="store_true",
                    help="also keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it "
