@@ -12,12 +12,18 @@ def main(argv=None):
     from training.config import UsageError, parse_config
     from training.data import DataError
     from models.pretrained import PretrainedError
+    from torch._dynamo.exc import BackendCompilerFailed  # torch.compile could not build kernels (InductorError too)
     try:
         cfg = parse_config(argv)
         from training.engine import train
         return train(cfg)
     except (UsageError, DataError, CheckpointError, PretrainedError) as e:
         print(f"train_mamba_baseline.py: error: {e}", file=sys.stderr)
+        return 2
+    except BackendCompilerFailed as e:  # the machine's compiler toolchain, not the run: say how to go on without it
+        why = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])[:200] or type(e).__name__
+        print(f"train_mamba_baseline.py: error: torch.compile could not compile the model here ({why}); run again "
+              "with --no_compile (and --resume auto to continue from the last checkpoint)", file=sys.stderr)
         return 2
     except OSError as e:  # the machine's fault (a full disk while logging, a vanished folder): one line, no traceback
         where = f" ({e.filename})" if e.filename else ""

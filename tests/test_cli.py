@@ -323,6 +323,25 @@ def test_missing_data_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     assert "cifar-10-python.tar.gz" in err
 
 
+def test_a_compiler_failure_is_one_line_that_names_no_compile(tmp_path, cifar10_dir, monkeypatch, capsys):
+    """torch.compile failing on the machine (here: a compiled model whose first call fails as inductor does without
+    a working C compiler) is one line, exit 2, naming --no_compile; the same command with it then trains."""
+    from torch._inductor.exc import InductorError
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise InductorError(RuntimeError("CalledProcessError: gcc: not found"), None)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "compile", lambda model, **kw: Broken())
+        argv = tiny_args(tmp_path, cifar10_dir, *PLAIN, "--epochs", "1", "--warmup_epochs", "0", "--train_subset", "8",
+                         "--test_subset", "8")
+        assert train_mamba_baseline.main(argv + ["--compile"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gcc: not found" in err and "--no_compile" in err
+    assert train_mamba_baseline.main(argv + ["--no_compile", "--resume", "auto"]) == 0
+
+
 def test_conv_stem_runs_and_a_checkpoint_keeps_its_stem(tmp_path, cifar10_dir, capsys):
     """--stem conv trains with 64 tokens and its stem's weights; a checkpoint of one stem is refused by a run that
     asks for the other (one line, exit 2) and resumed as it was made when --stem is left at auto; a checkpoint from
