@@ -34,3 +34,23 @@ def test_cpu_smoke_with_the_conv_stem(tmp_path):
     assert benchmark.main(["--cpu_smoke", "--stem", "conv", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["stem"] == "conv" and row["tokens"] == 65 and row["images_per_s"] > 0
+
+
+def test_launch_shapes_are_parsed_checked_and_applied(tmp_path, monkeypatch, capsys):
+    import pytest
+    pytest.importorskip("triton")
+    import models.scan_triton as st
+    for name in benchmark.LAUNCH_NAMES:
+        monkeypatch.setattr(st, name, getattr(st, name))  # restored after the test
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--cpu_smoke", "--json", str(out), "--launch", "BWD_CONFIG_NARROW=32,2,1,step,decay",
+                           "FWD_CONFIG=64,4,2"]) == 0
+    assert st.BWD_CONFIG_NARROW == dict(BLOCK_D=32, BLOCK_L=2, num_warps=1, CACHE_STEP=True, CACHE_DECAY=True)
+    assert st.FWD_CONFIG == dict(BLOCK_D=64, BLOCK_L=4, num_warps=2)
+    assert json.loads(out.read_text())["meta"]["launch"]["BWD_CONFIG_NARROW"]["CACHE_STEP"] is True
+    capsys.readouterr()
+    for bad in ("BWD=32,2,1", "FWD_CONFIG=32,2", "FWD_CONFIG=32,3,1", "FWD_CONFIG=32,2,1,step", "BWD_CONFIG=a,2,1",
+                "BWD_CONFIG=32,2,1,fast"):
+        assert benchmark.main(["--cpu_smoke", "--launch", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and bad in err

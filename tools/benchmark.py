@@ -197,6 +197,31 @@ def scan_sweep(batch_sizes, dim=768, state=16, lengths=(65,), reps=20):
     return rows
 
 
+LAUNCH_NAMES = ("FWD_CONFIG", "BWD_CONFIG", "FWD_CONFIG_NARROW", "BWD_CONFIG_NARROW")
+
+
+def parse_launch(items):
+    """["BWD_CONFIG_NARROW=32,2,1,step,decay", ...] -> {name: launch config of models/scan_triton.py}.
+    Raises ValueError with a one-line message."""
+    configs = {}
+    for item in items:
+        name, _, spec = item.partition("=")
+        parts = spec.split(",")
+        flags = set(parts[3:])
+        try:
+            block_d, block_l, warps = (int(x) for x in parts[:3])
+        except ValueError:
+            block_d = None
+        if name not in LAUNCH_NAMES or block_d is None or not flags <= ({"step", "decay"} if "BWD" in name else set()) \
+                or any(v < 1 or v & (v - 1) for v in (block_d, block_l, warps)):
+            raise ValueError(f"--launch {item!r}: expected NAME=BLOCK_D,BLOCK_L,WARPS (powers of two) with NAME one "
+                             f"of {', '.join(LAUNCH_NAMES)}, and for a BWD_ name optionally ,step and/or ,decay")
+        configs[name] = dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
+        if "BWD" in name:
+            configs[name].update(CACHE_STEP="step" in flags, CACHE_DECAY="decay" in flags)
+    return configs
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archs", nargs="+", default=["mamba_tiny", "mamba_small"])
@@ -217,8 +242,20 @@ def main(argv=None):
                    help="time only the selective scan (fwd+bwd, both directions, D=768) for these backends")
     p.add_argument("--scan_sweep", action="store_true",
                    help="time the Triton scan's launch shapes (forward and backward) at 65 tokens")
+    p.add_argument("--launch", nargs="+", default=[], metavar="NAME=D,L,W[,step][,decay]",
+                   help="run the Triton scan with these launch shapes instead of models/scan_triton.py's, e.g. "
+                        "BWD_CONFIG_NARROW=32,2,1,step,decay (a step-level A/B of --scan_sweep's findings)")
     args = p.parse_args(argv)
     args.compile = args.compile or args.compile_mode is not None
+    try:
+        launch = parse_launch(args.launch)
+    except ValueError as e:
+        print(f"benchmark.py: error: {e}", file=sys.stderr)
+        return 2
+    if launch:
+        import models.scan_triton as st
+        for name, cfg in launch.items():
+            setattr(st, name, cfg)
     if args.scan_only is not None or args.scan_sweep:
         if not torch.cuda.is_available():
             print("benchmark.py: error: --scan_only and --scan_sweep need a CUDA GPU", file=sys.stderr)
@@ -261,7 +298,7 @@ def main(argv=None):
                     print(f"{r['model']:<6} {arch:<12} {width:>5} {depth:>5} {r['tokens']:>6} {batch:>5} "
                           f"{str(r.get('scan') or 'attn'):<7} {ips:>9} {str(mem):>8} {ratio:>6}", flush=True)
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-                steps=args.steps, warmup=args.warmup, compile_vim=args.compile)
+                steps=args.steps, warmup=args.warmup, compile_vim=args.compile, launch=launch)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
