@@ -27,7 +27,7 @@ Backward, per program, with nothing saved by the forward but its inputs:
               ddelta_t = sum_n g_t*(A*a_t*h_{t-1} + u_t*B_t)    du_t = D*dy_t + delta_t * sum_n g_t*B_t
               dA      += sum_t delta_t*g_t*a_t*h_{t-1}          dB_t = sum_d g_t*delta_t*u_t
               dC_t     = sum_d dy_t*h_t                         dD  += sum_t dy_t*u_t
-          dB and dC sum over channel blocks (fp32 atomics); dA, dD and d(delta_bias) are per-batch partials that torch
+          dB and dC sum over channel blocks (fp32 atomics, or with DBC_PARTIALS one slot per block that torch sums); dA, dD and d(delta_bias) are per-batch partials that torch
           sums afterwards.
 
 Registers. The state tile is (N, BLOCK_D) fp32, spread over one warp's lanes and registers (see FWD_CONFIG); sums over
@@ -60,9 +60,11 @@ import triton.language as tl
 # against 0.27; but a mamba_small training step at batch 512 (compiled) with those two ran at 3,259 images/s against
 # 3,585 with the shapes below (measured in another session), so the narrow shapes stay until a step-level A/B decides.
 FWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=4, num_warps=1)
-BWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=1, num_warps=1, CACHE_STEP=True, CACHE_DECAY=False)
+BWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=1, num_warps=1, CACHE_STEP=True, CACHE_DECAY=False, DBC_PARTIALS=False)
 FWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=8, num_warps=1)
-BWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=4, num_warps=1, CACHE_STEP=False, CACHE_DECAY=False)
+BWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=4, num_warps=1, CACHE_STEP=False, CACHE_DECAY=False,
+                         DBC_PARTIALS=False)
+BWD_FLAGS = dict(CACHE_STEP=False, CACHE_DECAY=False, DBC_PARTIALS=False)  # what a backward config leaves out
 WIDE_MIN_PROGRAMS_PER_SM = 48
 LAST_LAUNCH = {}  # "fwd" / "bwd" -> registers per thread and spills of the last compiled launch
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
@@ -156,7 +158,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 s_dub, s_dud, s_dul, s_dtb, s_dtd, s_dtl, s_dzb, s_dzd, s_dzl,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
-                CACHE_STEP: tl.constexpr, CACHE_DECAY: tl.constexpr):
+                CACHE_STEP: tl.constexpr, CACHE_DECAY: tl.constexpr, DBC_PARTIALS: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -180,8 +182,12 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
     du_ptr += pid_b * s_dub
     ddt_ptr += pid_b * s_dtb
     dz_ptr += pid_b * s_dzb
-    dB_ptr += pid_b * L * N  # dB, dC: fp32 (B, L, N) buffers that all channel blocks add into
-    dC_ptr += pid_b * L * N
+    if DBC_PARTIALS:  # dB, dC: fp32 (B, channel blocks, L, N) buffers, one slot per program, summed by torch
+        dB_ptr += (pid_b * tl.num_programs(0) + pid_d) * L * N
+        dC_ptr += (pid_b * tl.num_programs(0) + pid_d) * L * N
+    else:  # fp32 (B, L, N) buffers that all channel blocks of a batch element add into
+        dB_ptr += pid_b * L * N
+        dC_ptr += pid_b * L * N
     n_chunks = tl.cdiv(L, BLOCK_L)
     # This program's scratch: the state at the end of chunks 0 .. n_chunks-2, one (BLOCK_N, BLOCK_D) tile each.
     ck_tile = offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
@@ -269,9 +275,16 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
             dbias_acc += ddt
             tl.store(du_ptr + p * s_dul + offs_d * s_dud, du.to(du_ptr.dtype.element_ty), mask=m_d)
             tl.store(ddt_ptr + p * s_dtl + offs_d * s_dtd, ddt.to(ddt_ptr.dtype.element_ty), mask=m_d)
-            # sums over this program's channels; the other channel blocks add into the same (b, t, n) entries
-            tl.atomic_add(dB_ptr + p * N + offs_n, tl.sum(g * (dt * u)[None, :], axis=1), mask=m_n, sem="relaxed")
-            tl.atomic_add(dC_ptr + p * N + offs_n, tl.sum(h_cur[k] * dy[None, :], axis=1), mask=m_n, sem="relaxed")
+            # sums over this program's channels, stored in its own slot or added to the entries that the other channel
+            # blocks add into (same-address atomics from D/BLOCK_D programs)
+            dB_t = tl.sum(g * (dt * u)[None, :], axis=1)
+            dC_t = tl.sum(h_cur[k] * dy[None, :], axis=1)
+            if DBC_PARTIALS:
+                tl.store(dB_ptr + p * N + offs_n, dB_t, mask=m_n)
+                tl.store(dC_ptr + p * N + offs_n, dC_t, mask=m_n)
+            else:
+                tl.atomic_add(dB_ptr + p * N + offs_n, dB_t, mask=m_n, sem="relaxed")
+                tl.atomic_add(dC_ptr + p * N + offs_n, dC_t, mask=m_n, sem="relaxed")
 
     # per-batch partial sums, reduced over the batch by torch
     tl.store(dA_ptr + pid_b * N * Dim + offs_n[:, None] * Dim + offs_d[None, :], dA_acc, mask=mask_nd)
@@ -339,15 +352,18 @@ def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
     """-> du, ddelta, dA, dB, dC, dD, dz, ddelta_bias; None for an absent input. Layouts as ``_grad_layouts``."""
     Bsz, Dim, L = u.shape
     N = A.shape[1]
-    meta = _launch(_pick(BWD_CONFIG, BWD_CONFIG_NARROW, u), Dim, L, N)
+    meta = dict(BWD_FLAGS, **_launch(_pick(BWD_CONFIG, BWD_CONFIG_NARROW, u), Dim, L, N))
     grid = (triton.cdiv(Dim, meta["BLOCK_D"]), Bsz)
     tile = meta["BLOCK_N"] * meta["BLOCK_D"]
     f32 = dict(dtype=torch.float32, device=u.device)
     At = _channels_contiguous(A)
     du, ddelta = _empty_like_bdl(u), _empty_like_bdl(delta)
     dz = _empty_like_bdl(z) if z is not None else None
-    dB = torch.zeros(Bsz, L, N, **f32)
-    dC = torch.zeros(Bsz, L, N, **f32)
+    partials = meta["DBC_PARTIALS"]
+    if partials:  # every (b, block, t, n) slot is written once
+        dB, dC = (torch.empty(Bsz, grid[0], L, N, **f32) for _ in range(2))
+    else:
+        dB, dC = (torch.zeros(Bsz, L, N, **f32) for _ in range(2))
     dA = torch.empty(Bsz, N, Dim, **f32)
     dD = torch.empty(Bsz, Dim, **f32)
     dbias = torch.empty(Bsz, Dim, **f32)
@@ -361,6 +377,8 @@ def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
         *dout.stride(), *du.stride(), *ddelta.stride(), *(dz.stride() if dz is not None else (0, 0, 0)),
         **_flags(D, z, delta_bias, delta_softplus, reverse), **meta))
     dA = dA.sum(0).t().contiguous().to(A.dtype)
+    if partials:
+        dB, dC = dB.sum(1), dC.sum(1)
     dB = dB.transpose(1, 2).contiguous().to(B.dtype)  # (B, N, L)
     dC = dC.transpose(1, 2).contiguous().to(C.dtype)
     dD = dD.sum(0).to(D.dtype) if D is not None else None

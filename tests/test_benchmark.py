@@ -45,7 +45,8 @@ def test_launch_shapes_are_parsed_checked_and_applied(tmp_path, monkeypatch, cap
     out = tmp_path / "bench.json"
     assert benchmark.main(["--cpu_smoke", "--json", str(out), "--launch", "BWD_CONFIG_NARROW=32,2,1,step,decay",
                            "FWD_CONFIG=64,4,2"]) == 0
-    assert st.BWD_CONFIG_NARROW == dict(BLOCK_D=32, BLOCK_L=2, num_warps=1, CACHE_STEP=True, CACHE_DECAY=True)
+    assert st.BWD_CONFIG_NARROW == dict(BLOCK_D=32, BLOCK_L=2, num_warps=1, CACHE_STEP=True, CACHE_DECAY=True,
+                                        DBC_PARTIALS=False)
     assert st.FWD_CONFIG == dict(BLOCK_D=64, BLOCK_L=4, num_warps=2)
     assert json.loads(out.read_text())["meta"]["launch"]["BWD_CONFIG_NARROW"]["CACHE_STEP"] is True
     capsys.readouterr()

@@ -50,13 +50,14 @@ CASES = [
 # Interpreter launch shapes: small tiles keep the interpreter fast and still give several channel blocks and chunks.
 INTERPRETER_CONFIG = dict(FWD_CONFIG=dict(BLOCK_D=16, BLOCK_L=4, num_warps=1),
                           BWD_CONFIG=dict(BLOCK_D=16, BLOCK_L=4, num_warps=1, CACHE_STEP=False, CACHE_DECAY=False))
-# The backward's caching variants (kept loads, kept exp(delta*A) tiles, and the large-batch shape's one-step chunks),
-# each on cases with a partial chunk, a
+# The backward's variants (kept loads, kept exp(delta*A) tiles, the large-batch shape's one-step chunks, dB and dC
+# stored per channel block instead of added atomically), each on cases with a partial chunk, a
 # reverse scan and a missing z.
 CACHED_CONFIGS = {"cache_step": dict(CACHE_STEP=True, CACHE_DECAY=False),
                   "cache_decay": dict(CACHE_STEP=False, CACHE_DECAY=True),
                   "cache_both": dict(CACHE_STEP=True, CACHE_DECAY=True),
-                  "wide_steps1": dict(BLOCK_D=64, BLOCK_L=1, CACHE_STEP=True, CACHE_DECAY=False)}  # BWD_CONFIG's form
+                  "wide_steps1": dict(BLOCK_D=64, BLOCK_L=1, CACHE_STEP=True, CACHE_DECAY=False),  # BWD_CONFIG's form
+                  "partials": dict(BLOCK_D=16, BLOCK_L=2, CACHE_STEP=True, DBC_PARTIALS=True)}  # dB, dC per block
 CACHED_CASES = [CASES[2], CASES[4], CASES[8]]
 
 

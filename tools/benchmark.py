@@ -159,9 +159,10 @@ def _sweep_shapes():
     import itertools
     for block_d, block_l in itertools.product((32, 64), (4, 8)):
         yield "fwd", dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=1)
-    for block_d, block_l, (step, decay) in itertools.product((32, 64), (1, 2, 4), ((0, 0), (1, 0), (1, 1))):
-        yield "bwd", dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=1, CACHE_STEP=bool(step), CACHE_DECAY=bool(decay))
-    yield "bwd", dict(BLOCK_D=128, BLOCK_L=2, num_warps=2, CACHE_STEP=False, CACHE_DECAY=False)
+    for block_d, block_l, (step, decay), partials in itertools.product((16, 32, 64), (1, 2), ((0, 0), (1, 0), (1, 1)),
+                                                                         (False, True)):
+        yield "bwd", dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=1, CACHE_STEP=bool(step), CACHE_DECAY=bool(decay),
+                          DBC_PARTIALS=partials)
 
 
 def scan_sweep(batch_sizes, dim=768, state=16, lengths=(65,), reps=20):
@@ -187,9 +188,9 @@ def scan_sweep(batch_sizes, dim=768, state=16, lengths=(65,), reps=20):
                 print(f"  {kind} {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
             regs = st.LAST_LAUNCH.get(kind, {})
             rows.append(dict(kind=kind, batch=batch, length=length, dim=dim, **cfg, ms=ms_kind, **regs))
-            flags = " ".join(k for k in ("CACHE_STEP", "CACHE_DECAY") if cfg.get(k))
+            flags = " ".join(k for k in ("CACHE_STEP", "CACHE_DECAY", "DBC_PARTIALS") if cfg.get(k))
             print(f"sweep {kind} batch {batch:>5} L {length:>4} BLOCK_D {cfg['BLOCK_D']:>3} BLOCK_L "
-                  f"{cfg['BLOCK_L']:>2} warps {cfg['num_warps']} {flags or '-':<22}: "
+                  f"{cfg['BLOCK_L']:>2} warps {cfg['num_warps']} {flags or '-':<35}: "
                   f"{'-' if ms_kind is None else f'{ms_kind:.2f} ms'}  regs {regs.get('regs', '-')} "
                   f"spills {regs.get('spills', '-')}", flush=True)
             for name, value in saved.items():
@@ -212,13 +213,15 @@ def parse_launch(items):
             block_d, block_l, warps = (int(x) for x in parts[:3])
         except ValueError:
             block_d = None
-        if name not in LAUNCH_NAMES or block_d is None or not flags <= ({"step", "decay"} if "BWD" in name else set()) \
+        if name not in LAUNCH_NAMES or block_d is None or \
+                not flags <= ({"step", "decay", "partials"} if "BWD" in name else set()) \
                 or any(v < 1 or v & (v - 1) for v in (block_d, block_l, warps)):
             raise ValueError(f"--launch {item!r}: expected NAME=BLOCK_D,BLOCK_L,WARPS (powers of two) with NAME one "
-                             f"of {', '.join(LAUNCH_NAMES)}, and for a BWD_ name optionally ,step and/or ,decay")
+                             f"of {', '.join(LAUNCH_NAMES)}, and for a BWD_ name optionally ,step ,decay ,partials")
         configs[name] = dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
         if "BWD" in name:
-            configs[name].update(CACHE_STEP="step" in flags, CACHE_DECAY="decay" in flags)
+            configs[name].update(CACHE_STEP="step" in flags, CACHE_DECAY="decay" in flags,
+                                 DBC_PARTIALS="partials" in flags)
     return configs
 
 
@@ -242,7 +245,7 @@ def main(argv=None):
                    help="time only the selective scan (fwd+bwd, both directions, D=768) for these backends")
     p.add_argument("--scan_sweep", action="store_true",
                    help="time the Triton scan's launch shapes (forward and backward) at 65 tokens")
-    p.add_argument("--launch", nargs="+", default=[], metavar="NAME=D,L,W[,step][,decay]",
+    p.add_argument("--launch", nargs="+", default=[], metavar="NAME=D,L,W[,step][,decay][,partials]",
                    help="run the Triton scan with these launch shapes instead of models/scan_triton.py's, e.g. "
                         "BWD_CONFIG_NARROW=32,2,1,step,decay (a step-level A/B of --scan_sweep's findings)")
     args = p.parse_args(argv)
