@@ -27,8 +27,8 @@ Backward, per program, with nothing saved by the forward but its inputs:
               ddelta_t = sum_n g_t*(A*a_t*h_{t-1} + u_t*B_t)    du_t = D*dy_t + delta_t * sum_n g_t*B_t
               dA      += sum_t delta_t*g_t*a_t*h_{t-1}          dB_t = sum_d g_t*delta_t*u_t
               dC_t     = sum_d dy_t*h_t                         dD  += sum_t dy_t*u_t
-          dB and dC sum over channel blocks (fp32 atomics, or with DBC_PARTIALS one slot per block that torch sums); dA, dD and d(delta_bias) are per-batch partials that torch
-          sums afterwards.
+          dB and dC sum over channel blocks (fp32 atomics, or with DBC_PARTIALS one slot per block that torch sums);
+          dA, dD and d(delta_bias) are per-batch partials that torch sums afterwards.
 
 Registers. The state tile is (N, BLOCK_D) fp32, spread over one warp's lanes and registers (see FWD_CONFIG); sums over
 n (y, ddelta, du) and over channels (dB, dC) are in-thread adds plus a few shuffles. The backward keeps the BLOCK_L+1
@@ -60,11 +60,10 @@ import triton.language as tl
 # against 0.27; but a mamba_small training step at batch 512 (compiled) with those two ran at 3,259 images/s against
 # 3,585 with the shapes below (measured in another session), so the narrow shapes stay until a step-level A/B decides.
 FWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=4, num_warps=1)
-BWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=1, num_warps=1, CACHE_STEP=True, CACHE_DECAY=False, DBC_PARTIALS=False)
+BWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=1, num_warps=1, CACHE_STEP=True)
 FWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=8, num_warps=1)
-BWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=4, num_warps=1, CACHE_STEP=False, CACHE_DECAY=False,
-                         DBC_PARTIALS=False)
-BWD_FLAGS = dict(CACHE_STEP=False, CACHE_DECAY=False, DBC_PARTIALS=False)  # what a backward config leaves out
+BWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=4, num_warps=1)
+BWD_FLAGS = dict(CACHE_STEP=False, CACHE_DECAY=False, DBC_PARTIALS=False)  # the backward's switches a config leaves out
 WIDE_MIN_PROGRAMS_PER_SM = 48
 LAST_LAUNCH = {}  # "fwd" / "bwd" -> registers per thread and spills of the last compiled launch
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)

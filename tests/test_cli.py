@@ -364,7 +364,8 @@ def test_conv_stem_runs_and_a_checkpoint_keeps_its_stem(tmp_path, cifar10_dir, c
     assert err.count("\n") == 1 and "stem 'conv' (this run: 'patch')" in err
 
     assert train_mamba_baseline.main(args("patch1", "--stem", "patch", "--epochs", "1")) == 0
-    assert train_mamba_baseline.main(args("auto", "--resume", str(Run(tmp_path / "patch1", []).ckpt_path("epoch1")))) == 0
+    patch_ckpt = Run(tmp_path / "patch1", []).ckpt_path("epoch1")
+    assert train_mamba_baseline.main(args("auto", "--resume", str(patch_ckpt))) == 0
     auto = Run(tmp_path / "auto", [])
     assert auto.ckpt()["config"]["stem"] == "patch" and auto.ckpt()["position"]["epoch"] == 2
     assert "65 tokens (patch 4)" in auto.log()

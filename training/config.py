@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from models.vim import VARIANTS
+from models.vim import VARIANTS, ConvStem
 from models.scan import SCAN_CHOICES
 
 DATASETS = {"cifar10": 10, "cifar100": 100}
@@ -139,8 +139,9 @@ def parse_config(argv=None):
         _check(not args.pretrained, "--stem conv trains from scratch; official checkpoints (--pretrained) use patches")
         _check(args.patch_size is None, "--stem conv makes 4x4-pixel tokens itself; leave --patch_size out")
         args.input_size = 32 if args.input_size is None else args.input_size
-        _check(args.input_size > 0 and args.input_size % 4 == 0, "--stem conv needs --input_size divisible by 4")
-        args.patch_size = 4  # the stem's stride: the token grid is the same as patch 4's
+        _check(args.input_size > 0 and args.input_size % ConvStem.STRIDE == 0,
+               f"--stem conv needs --input_size divisible by {ConvStem.STRIDE}")
+        args.patch_size = ConvStem.STRIDE  # the stem's stride: the token grid is the same as patch 4's
     elif args.pretrained:
         _check(args.embed_dim is None and args.depth is None and args.patch_size is None,
                "--embed_dim, --depth and --patch_size come from the --pretrained checkpoint; leave them out")
