@@ -86,6 +86,33 @@ def test_compile_default_follows_the_device(device, deterministic, expected):
     assert default_compile(torch.device(device), deterministic) is expected
 
 
+def test_cuda_graphs_are_refused_with_several_processes(tmp_path, monkeypatch):
+    """CUDA graphs are tested in one process only (tests/test_gpu.py); under torchrun the run stops at once."""
+    import training.engine as engine
+    monkeypatch.setattr(engine.ddp, "init_distributed", lambda backend: (0, 2, 0))
+    monkeypatch.setattr(engine, "resolve_device", lambda cfg, local_rank: torch.device("cuda", 0))
+    cfg = parse_config(tiny_args(tmp_path, str(tmp_path / "data"), "--cuda_graphs"))
+    with pytest.raises(engine.UsageError, match=r"--cuda_graphs needs .* single process \(this run: 2 processes\)"):
+        engine.Run(cfg)
+    assert not os.path.exists(tmp_path / "logs") and not os.path.exists(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_a_cuda_graph_step_marks_its_start(cuda_graphs, monkeypatch):
+    """With CUDA graphs every optimizer step tells torch a new iteration begins (the last step's graph outputs may
+    then be overwritten); without them nothing is called."""
+    from training.step import TrainStep
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    model = build_model("mamba_tiny", 10, embed_dim=16, depth=1, patch_size=8)
+    step = TrainStep(model, build_optimizer(model, 1e-3, 0.05, torch.device("cpu")), num_classes=10, mean=(0.5,) * 3,
+                     std=(0.25,) * 3, cuda_graphs=cuda_graphs)
+    batch = (torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (4,)))
+    for _ in range(2):
+        step([batch], 1e-3)
+    assert len(calls) == (2 if cuda_graphs else 0)
+
+
 def test_smoke_run_logs_metrics_and_checkpoints(tmp_path, cifar10_dir):
     r = run(tmp_path, cifar10_dir, *FAST, "--epochs", "4", "--warmup_epochs", "1", "--save_freq", "2",
             "--train_subset", "16", "--test_subset", "12")

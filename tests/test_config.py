@@ -19,7 +19,7 @@ SPEC_DEFAULTS = dict(
     min_lr=1e-5, warmup_lr=1e-6, eval_batch_size=1024, seed=0, device="auto", precision="auto", max_bad_steps=20,
     deterministic=False, compile=None, use_crop=True, use_flip=True, num_workers=0, train_subset=0,
     test_subset=0, resume=None, save_every_minutes=0.0, no_progress=False, model_ema=False, model_ema_decay=0.9999,
-    stem="conv", stem_auto=True,
+    stem="conv", stem_auto=True, cuda_graphs=False,
 )
 
 
@@ -62,7 +62,7 @@ SWITCHES = ("use_randaugment", "use_mixup", "use_cutmix", "use_crop", "use_flip"
 SWITCHES_OFF = {f"--no_{s}": s for s in SWITCHES}
 SWITCHES_ON = {f"--{s}": s for s in SWITCHES}
 FLAGS_ON = {"--deterministic": "deterministic", "--no_progress": "no_progress", "--compile": "compile",
-            "--model_ema": "model_ema"}
+            "--model_ema": "model_ema", "--cuda_graphs": "cuda_graphs"}
 
 
 def test_every_flag_parses_to_its_field():
@@ -83,6 +83,8 @@ def test_compile_defaults_to_the_engine_s_choice():
     assert parse_config([]).compile is None
     assert parse_config(["--no_compile"]).compile is False
     assert parse_config(["--no_compile", "--compile"]).compile is True
+    cfg = parse_config(["--cuda_graphs"])  # CUDA graphs are a torch.compile mode: they turn compile on
+    assert cfg.cuda_graphs is True and cfg.compile is True
 
 
 def test_the_parser_has_no_untested_flag():
@@ -173,6 +175,8 @@ BAD = {
     "conv stem with a patch size": ["--stem", "conv", "--patch_size", "4"],
     "conv stem with pretrained weights": ["--stem", "conv", "--pretrained", "/tmp/vim.pth"],
     "conv stem, input not divisible by 4": ["--stem", "conv", "--input_size", "30"],
+    "cuda graphs without compile": ["--cuda_graphs", "--no_compile"],
+    "cuda graphs, then no compile": ["--no_compile", "--cuda_graphs"],
 }
 
 
@@ -188,7 +192,8 @@ def test_error_messages_name_the_problem():
     cases = {("--dataset", "imagenet"): "imagenet", ("--arch", "resnet50"): "resnet50", ("--epochs", "0"): "--epochs",
              ("--batch_size", "7"): "--batch_size", ("--learning_rate", "1"): "--learning_rate",
              ("--patch_size", "3"): "--patch_size", ("--scan", "fast"): "--scan",
-             ("--model_ema_decay", "1"): "--model_ema_decay", ("--stem", "vit"): "--stem"}
+             ("--model_ema_decay", "1"): "--model_ema_decay", ("--stem", "vit"): "--stem",
+             ("--cuda_graphs", "--no_compile"): "--cuda_graphs"}
     for argv, needle in cases.items():
         with pytest.raises(UsageError, match=needle):
             parse_config(list(argv))
@@ -210,6 +215,7 @@ CLI_BAD = {  # one per kind of check: the parser, the validation, the run's own 
     "warmup >= epochs": ["--epochs", "3"],
     "scan backend the CPU cannot run": ["--device", "cpu", "--scan", "cuda", "--batch_size", "8"],
     "EMA decay of 1": ["--model_ema", "--model_ema_decay", "1"],
+    "CUDA graphs on the CPU": ["--device", "cpu", "--cuda_graphs", "--batch_size", "8"],
 }
 
 

@@ -75,10 +75,13 @@ def test_model_fast_path_matches_reference(backend, compiled, amp):
         assert err < tol["rtol"] * 10, f"{n}: max gradient error {err:.2e} of its largest value"
 
 
-@pytest.mark.parametrize("extra", [[], ["--compile", "--model_ema"]], ids=["eager", "compiled_ema"])
-def test_cli_trains_on_gpu(tmp_path, extra):
+@pytest.mark.parametrize("extra", [[], ["--compile", "--model_ema"], ["--cuda_graphs", "--model_ema"]],
+                         ids=["eager", "compiled_ema", "cuda_graphs_ema"])
+def test_cli_trains_on_gpu(tmp_path, extra, monkeypatch):
     from tests.conftest import make_cifar
     import train_mamba_baseline
+    modes, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: modes.append(kw.get("mode")) or real_compile(model, **kw))
     data = make_cifar(str(tmp_path / "d"), n_train=256, n_test=64)
     args = ["--arch", "mamba_tiny", "--depth", "2", "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "64",
             "--data_dir", data, "--save_dir", str(tmp_path / "c"), "--log_dir", str(tmp_path / "l"), "--no_progress"]
@@ -86,9 +89,40 @@ def test_cli_trains_on_gpu(tmp_path, extra):
     log = (tmp_path / "l" / "mamba_tiny_cifar10_baseline_gpu.log").read_text()
     from models.scan import resolve_scan
     assert "scan kernel: " + resolve_scan("auto", "cuda") in log and "bf16 autocast" in log
-    assert ("torch.compile" in log) == ("--compile" in extra)
+    graphs = "--cuda_graphs" in extra
+    assert ("torch.compile" in log) == ("--compile" in extra or graphs) and ("(CUDA graphs)" in log) == graphs
+    assert modes == ([] if not extra else ["reduce-overhead" if graphs else None])
     # one more epoch from the last checkpoint (a compiled model saves and resumes plain weights)
     args[args.index("--epochs") + 1] = "3"
     assert train_mamba_baseline.main(args + ["--run_id", "gpu2", "--resume", "auto"] + extra) == 0
     ckpt = torch.load(tmp_path / "c" / "mamba_tiny_cifar10_last.pth", map_location="cpu", weights_only=False)
     assert ckpt["position"]["epoch"] == 3 and not any(k.startswith("_orig_mod") for k in ckpt["model"])
+
+
+def test_cuda_graph_steps_equal_compiled_steps():
+    """The same three training steps (same weights, same batches, augmentation and drop path off, fp32), compiled
+    with and without CUDA graphs: equal losses and weights, so replayed graphs read each new batch and the
+    optimizer's in-place updates (no stale inputs or outputs)."""
+    import copy
+    from training.optim import build_optimizer
+    from training.step import TrainStep
+    torch.manual_seed(0)
+    base = build_model("mamba_tiny", 10, depth=2, drop_path=0.0).cuda()
+    g = torch.Generator(device="cpu").manual_seed(1)
+    batches = [(torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8).cuda(),
+                torch.randint(0, 10, (64,), generator=g).cuda()) for _ in range(3)]
+    runs = []
+    for mode in (None, "reduce-overhead"):
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        opt = build_optimizer(model, 1e-3, 0.05, torch.device("cuda"))
+        step = TrainStep(model, opt, num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3, use_randaugment=False,
+                         use_crop=False, use_flip=False, mixup_alpha=0.0, cutmix_alpha=0.0, amp=False,
+                         train_model=torch.compile(model, mode=mode), cuda_graphs=mode == "reduce-overhead")
+        losses = [step([b], 1e-3)[0].item() for b in batches + batches]  # twice: the graphs are recorded, then replayed
+        runs.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (loss_a, w_a), (loss_b, w_b) = runs
+    assert len(set(loss_b)) == len(loss_b)  # every step saw its own batch and weights
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-5)
+    for n in w_a:
+        torch.testing.assert_close(w_b[n], w_a[n], rtol=1e-4, atol=1e-5, msg=n)

@@ -79,6 +79,10 @@ def build_parser():
     t.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
                    help="torch.compile the model for training (default: on with CUDA unless --deterministic)")
     t.add_argument("--no_compile", dest="compile", action="store_const", const=False, help="turn --compile off")
+    t.add_argument("--cuda_graphs", action="store_true",
+                   help="compile with CUDA graphs (torch.compile's reduce-overhead mode): each step's forward and "
+                        "backward replay as recorded graphs instead of thousands of kernel launches, which matters at "
+                        "small batches (README, Speed); needs one CUDA process, implies --compile (default: off)")
     t.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
     t.add_argument("--model_ema", action="store_true",
                    help="also keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it "
@@ -159,6 +163,8 @@ def parse_config(argv=None):
     _check(args.num_workers >= 0 and args.train_subset >= 0 and args.test_subset >= 0 and args.gpu >= 0,
            "--num_workers, --train_subset, --test_subset and --gpu must be >= 0")
     _check(args.save_every_minutes >= 0, "--save_every_minutes must be >= 0")
+    _check(not (args.cuda_graphs and args.compile is False), "--cuda_graphs compiles the model; leave out --no_compile")
+    args.compile = True if args.cuda_graphs else args.compile
     _check(0 < args.model_ema_decay < 1, f"--model_ema_decay must be in (0, 1), got {args.model_ema_decay:g}")
     mixing = (args.use_mixup and args.mixup_alpha > 0) or (args.use_cutmix and args.cutmix_alpha > 0)
     _check(not mixing or args.batch_size % 2 == 0, "--batch_size must be even when Mixup or CutMix is on")

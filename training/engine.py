@@ -115,6 +115,10 @@ class Run:
         self.device = resolve_device(cfg, local_rank)
         if cfg.compile is None:
             cfg.compile = default_compile(self.device, cfg.deterministic)
+        if cfg.cuda_graphs and (self.device.type != "cuda" or self.world > 1):
+            # one process only: compiled DDP splits the graph at its gradient buckets, untested with CUDA graphs here
+            raise UsageError("--cuda_graphs needs a CUDA device and a single process" +
+                             (f" (this run: {self.world} processes)" if self.world > 1 else f" (device: {self.device})"))
         try:  # a --scan backend this machine cannot run is bad input (one line, exit 2), not a crash
             resolve_scan(cfg.scan, self.device)
         except ValueError as e:
@@ -217,7 +221,7 @@ class Run:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
 
         if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = torch.compile(self.train_model, mode="reduce-overhead" if cfg.cuda_graphs else None)
         # ImageNet weights expect ImageNet's normalisation; from scratch, the data set's own statistics.
         mean, std = IMAGENET_MEAN_STD if cfg.pretrained else MEAN_STD[cfg.dataset]
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
@@ -227,7 +231,7 @@ class Run:
                               mixup_alpha=cfg.mixup_alpha if cfg.use_mixup else 0.0,
                               cutmix_alpha=cfg.cutmix_alpha if cfg.use_cutmix else 0.0,
                               label_smoothing=cfg.label_smoothing, amp=self.amp, clip_grad=cfg.clip_grad,
-                              input_size=cfg.input_size, train_model=self.train_model)
+                              input_size=cfg.input_size, train_model=self.train_model, cuda_graphs=cfg.cuda_graphs)
         self._open_log()
 
     def _resolve_pretrained_shape(self):
@@ -266,7 +270,8 @@ class Run:
                       f"width {self.model.cfg.embed_dim}, depth {self.model.cfg.depth}")
         self.log.info(f"device: {gpu} x{self.world} | scan kernel: {self.scan} | causal-conv1d: "
                       f"{'yes' if self.causal_conv else 'no (PyTorch)'} | precision: "
-                      f"{'bf16 autocast' if self.amp else 'fp32'}{' | torch.compile' if cfg.compile else ''}")
+                      f"{'bf16 autocast' if self.amp else 'fp32'}{' | torch.compile' if cfg.compile else ''}"
+                      f"{' (CUDA graphs)' if cfg.cuda_graphs else ''}")
         self.log.info(f"data: {len(self.train_data)} train / {len(self.test_data)} test images | global batch "
                       f"{step_batch} = {cfg.batch_size} x {cfg.accum_steps} accum x {self.world} process(es) | "
                       f"lr {cfg.lr:g} (not rescaled with the batch) | {self.steps_per_epoch} steps/epoch, "

@@ -17,10 +17,11 @@ from training.augment import TrainAugment
 class TrainStep:
     def __init__(self, model, optimizer, *, num_classes, mean, std, use_randaugment=True, use_crop=True,
                  use_flip=True, input_size=32, mixup_alpha=0.8,
-                 cutmix_alpha=1.0, label_smoothing=0.1, amp=False, clip_grad=0.0, train_model=None):
+                 cutmix_alpha=1.0, label_smoothing=0.1, amp=False, clip_grad=0.0, train_model=None, cuda_graphs=False):
         self.model = model                              # the module whose parameters the optimizer holds
         self.train_model = model if train_model is None else train_model        # what runs forward: the model, compiled or DDP-wrapped
         self.optimizer, self.amp, self.clip_grad, self.input_size = optimizer, amp, clip_grad, input_size
+        self.cuda_graphs = cuda_graphs  # train_model compiled with mode="reduce-overhead"
         self.device_type = next(model.parameters()).device.type
         self.augment = TrainAugment(use_randaugment=use_randaugment, use_crop=use_crop, use_flip=use_flip,
                                     mean=mean, std=std)
@@ -46,6 +47,8 @@ class TrainStep:
         the step was skipped because the loss or gradient norm was not finite."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        if self.cuda_graphs:  # a new training iteration: the last step's graph outputs may be reused from here on
+            torch.compiler.cudagraph_mark_step_begin()
         n = len(micro_batches)
         loss = sum(self.forward_backward(x, y, 1.0 / n, sync=i == n - 1) for i, (x, y) in enumerate(micro_batches)) / n
         finite = torch.isfinite(loss)
