@@ -97,6 +97,28 @@ def test_cuda_graphs_are_refused_with_several_processes(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "logs") and not os.path.exists(tmp_path / "ckpt")
 
 
+def test_skipped_cuda_graphs_are_counted(monkeypatch):
+    """torch.compile's own count of graphs it ran without CUDA graphs is what the run warns about."""
+    from torch._dynamo.utils import counters
+    from training.engine import cuda_graph_skips
+    monkeypatch.setitem(counters, "inductor", type(counters["inductor"])())
+    assert cuda_graph_skips() == 0
+    counters["inductor"]["cudagraph_skips"] += 2
+    assert cuda_graph_skips() == 2
+
+
+def test_a_run_warns_once_when_cuda_graphs_were_skipped(tmp_path, cifar10_dir, monkeypatch):
+    """--cuda_graphs whose graphs torch.compile ran without CUDA graphs: one warning line after the first epoch.
+    (The CPU refuses --cuda_graphs, so the flag is switched on after setup, with the compiled step left eager.)"""
+    import training.engine as engine
+    from conftest import after_setup
+    monkeypatch.setattr(engine, "cuda_graph_skips", lambda: 3)
+    after_setup(monkeypatch, lambda r: setattr(r.cfg, "cuda_graphs", True))
+    r = run(tmp_path, cifar10_dir, *FAST, "--epochs", "2", "--warmup_epochs", "1", "--train_subset", "8",
+            "--test_subset", "8")
+    assert r.log().count("warning: --cuda_graphs: torch.compile ran 3 graph(s) without CUDA graphs") == 1
+
+
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_a_cuda_graph_step_marks_its_start(cuda_graphs, monkeypatch):
     """With CUDA graphs every optimizer step tells torch a new iteration begins (the last step's graph outputs may

@@ -92,6 +92,7 @@ def test_cli_trains_on_gpu(tmp_path, extra, monkeypatch):
     graphs = "--cuda_graphs" in extra
     assert ("torch.compile" in log) == ("--compile" in extra or graphs) and ("(CUDA graphs)" in log) == graphs
     assert modes == ([] if not extra else ["reduce-overhead" if graphs else None])
+    assert "without CUDA graphs" not in log  # they were used, not skipped
     # one more epoch from the last checkpoint (a compiled model saves and resumes plain weights)
     args[args.index("--epochs") + 1] = "3"
     assert train_mamba_baseline.main(args + ["--run_id", "gpu2", "--resume", "auto"] + extra) == 0
@@ -122,6 +123,8 @@ def test_cuda_graph_steps_equal_compiled_steps():
         losses = [step([b], 1e-3)[0].item() for b in batches + batches]  # twice: the graphs are recorded, then replayed
         runs.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
     (loss_a, w_a), (loss_b, w_b) = runs
+    from training.engine import cuda_graph_skips
+    assert cuda_graph_skips() == 0  # the second run replayed CUDA graphs rather than falling back
     assert len(set(loss_b)) == len(loss_b)  # every step saw its own batch and weights
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-5)
     for n in w_a:

@@ -101,6 +101,13 @@ def default_compile(device, deterministic):
     return device.type == "cuda" and not deterministic
 
 
+def cuda_graph_skips():
+    """How many compiled graphs torch.compile ran without CUDA graphs under mode="reduce-overhead" (it says why only
+    in its `cudagraphs` debug log, TORCH_LOGS=cudagraphs), so that --cuda_graphs never falls back silently."""
+    from torch._dynamo.utils import counters
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def find_resume(cfg):
     if cfg.resume != "auto":
         return cfg.resume
@@ -419,8 +426,12 @@ class Run:
         self.stop.install()
         if self.is_main:
             self.log.info(f"training epochs {pos.epoch + 1}..{cfg.epochs}")
-        for epoch in range(pos.epoch, cfg.epochs):
+        first = pos.epoch
+        for epoch in range(first, cfg.epochs):
             train = self.train_one_epoch(epoch)
+            if cfg.cuda_graphs and epoch == first and cuda_graph_skips():  # after the first epoch's compiling
+                self.log.info(f"warning: --cuda_graphs: torch.compile ran {cuda_graph_skips()} graph(s) without CUDA "
+                              "graphs (TORCH_LOGS=cudagraphs says why); training goes on without them there")
             t_eval = time.perf_counter()
             test_loss, acc, acc5 = self.evaluate()
             if self.ema is not None:
