@@ -792,11 +792,8 @@ def test_chaos_tool_passes(tmp_path):
     assert "final resume: finished at end of epoch 2" in out, out
 
 
-def test_fresh_run_over_an_existing_run_is_refused(tmp_path, data, existing, capsys, monkeypatch):
-    """Re-running a command without --resume must not overwrite the previous run's checkpoints; it stops before
-    reading (or downloading) the data."""
-    import training.engine as engine
-    monkeypatch.setattr(engine, "load_cifar", lambda *a, **k: pytest.fail("the data was read before the refusal"))
+def test_fresh_run_over_an_existing_run_is_refused(tmp_path, data, existing, capsys):
+    """Re-running a command without --resume must not overwrite the previous run's checkpoints."""
     _refused(run_args(data, existing, tmp_path / "logs", "n"), capsys, existing,
              ["already holds a run", "--resume auto", "nothing was overwritten"], tmp_path)
 

@@ -162,12 +162,12 @@ class Run:
                 raise UsageError(f"{resume_path} is a finished run ({done['epoch']}/{cfg.epochs} epochs, best "
                                  f"{done['best_acc']:.2f}%); nothing to resume")
         self.resume_path = resume_path
-        if not cfg.resume and os.path.isfile(self.paths["last"]):  # before the data: a refusal reads nothing
+
+        data = load_cifar(cfg.dataset, cfg.data_dir, download=self.is_main)
+        if not cfg.resume and os.path.isfile(self.paths["last"]):
             raise CheckpointError(f"{cfg.save_dir} already holds a run ({os.path.basename(self.paths['last'])}); "
                                   "add --resume auto to continue it, or use another --save_dir (nothing was "
                                   "overwritten)")
-
-        data = load_cifar(cfg.dataset, cfg.data_dir, download=self.is_main)
         (xtr, ytr), (xte, yte) = data["train"], data["test"]
         if cfg.train_subset:
             xtr, ytr = xtr[:cfg.train_subset], ytr[:cfg.train_subset]
