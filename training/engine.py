@@ -164,6 +164,7 @@ class Run:
         self.resume_path = resume_path
 
         data = load_cifar(cfg.dataset, cfg.data_dir, download=self.is_main)
+        # after the data, so that a bad data folder is what gets reported, also over an existing run
         if not cfg.resume and os.path.isfile(self.paths["last"]):
             raise CheckpointError(f"{cfg.save_dir} already holds a run ({os.path.basename(self.paths['last'])}); "
                                   "add --resume auto to continue it, or use another --save_dir (nothing was "
