@@ -98,12 +98,15 @@ def test_cuda_graphs_are_refused_with_several_processes(tmp_path, monkeypatch):
 
 
 def test_skipped_cuda_graphs_are_counted(monkeypatch):
-    """torch.compile's own count of graphs it ran without CUDA graphs is what the run warns about."""
+    """torch.compile's own count of graphs it ran without CUDA graphs is what the run warns about: each skip that
+    inductor reports (through the function it calls when it skips) adds one."""
     from torch._dynamo.utils import counters
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
     from training.engine import cuda_graph_skips
     monkeypatch.setitem(counters, "inductor", type(counters["inductor"])())
     assert cuda_graph_skips() == 0
-    counters["inductor"]["cudagraph_skips"] += 2
+    for _ in range(2):
+        log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to a test")
     assert cuda_graph_skips() == 2
 
 

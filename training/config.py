@@ -166,7 +166,8 @@ def parse_config(argv=None):
     _check(not (args.cuda_graphs and args.compile is False), "--cuda_graphs compiles the model; leave out --no_compile")
     # accumulation keeps one micro-batch's gradients while the recorded backward runs again: untested with graphs
     _check(not (args.cuda_graphs and args.accum_steps > 1), "--cuda_graphs needs --accum_steps 1")
-    args.compile = True if args.cuda_graphs else args.compile
+    if args.cuda_graphs:
+        args.compile = True
     _check(0 < args.model_ema_decay < 1, f"--model_ema_decay must be in (0, 1), got {args.model_ema_decay:g}")
     mixing = (args.use_mixup and args.mixup_alpha > 0) or (args.use_cutmix and args.cutmix_alpha > 0)
     _check(not mixing or args.batch_size % 2 == 0, "--batch_size must be even when Mixup or CutMix is on")
