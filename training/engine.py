@@ -430,8 +430,9 @@ class Run:
         first = pos.epoch
         for epoch in range(first, cfg.epochs):
             train = self.train_one_epoch(epoch)
-            if cfg.cuda_graphs and epoch == first and cuda_graph_skips():  # after the first epoch's compiling
-                self.log.info(f"warning: --cuda_graphs: torch.compile ran {cuda_graph_skips()} graph(s) without CUDA "
+            skips = cuda_graph_skips() if cfg.cuda_graphs and epoch == first else 0  # after the first epoch's compiling
+            if skips:
+                self.log.info(f"warning: --cuda_graphs: torch.compile ran {skips} graph(s) without CUDA "
                               "graphs (TORCH_LOGS=cudagraphs says why); training goes on without them there")
             t_eval = time.perf_counter()
             test_loss, acc, acc5 = self.evaluate()
