@@ -5,7 +5,6 @@ import os
 import pickle
 import re
 import shutil
-import signal
 
 import numpy as np
 import pytest
@@ -28,15 +27,11 @@ TIMES = ("epoch_time", "images_per_s")
 
 @pytest.fixture(autouse=True)
 def quiet_process_state():
-    """One intra-op thread (tiny tensors run far faster, above all on a busy 2-core machine), and pytest's own
-    SIGINT/SIGTERM handlers back after each run (the engine installs its own)."""
+    """One intra-op thread: tiny tensors run far faster, above all on a busy 2-core machine."""
     threads = torch.get_num_threads()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    for s, h in handlers.items():
-        signal.signal(s, h)
 
 
 class Run:

@@ -32,7 +32,8 @@ RUNNER = textwrap.dedent("""
             return step(*a)
         run.step = counted
     try:
-        run.fit()
+        with run.stop:
+            run.fit()
     except Exception as e:
         print("STOPPED", type(e).__name__, run.pos.epoch, run.pos.step_in_epoch)
         sys.exit(0)

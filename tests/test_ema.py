@@ -5,7 +5,6 @@ Resume exactness with the EMA is in test_reliability.py (mid-epoch, and switchin
 """
 import json
 import math
-import signal
 
 import pytest
 import torch
@@ -17,15 +16,6 @@ from models.vim import build_model
 
 FAST = ["--no_use_randaugment"]
 EMA_KEYS = {"ema_loss", "ema_acc", "ema_acc5", "best_ema_acc"}
-
-
-@pytest.fixture(autouse=True)
-def process_state():
-    """The engine installs its own SIGINT/SIGTERM handlers: pytest's come back after each run."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, h in handlers.items():
-        signal.signal(s, h)
 
 
 def run(base, data_dir, *extra, dataset="cifar10", expect=0):

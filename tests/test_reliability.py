@@ -127,16 +127,17 @@ def assert_checkpoints_load(directory):
 
 
 def call_main(argv):
-    """train_mamba_baseline.main in this process; restores what a run changes process-wide."""
+    """train_mamba_baseline.main in this process; restores what a --deterministic run changes process-wide, and
+    checks that the run (finished, stopped or failed) gave back the SIGTERM/SIGINT handlers it found."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     det, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     try:
-        return cli.main([str(a) for a in argv])
+        rc = cli.main([str(a) for a in argv])
     finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
         torch.use_deterministic_algorithms(det)
         torch.set_num_threads(threads)
+    assert {s: signal.getsignal(s) for s in handlers} == handlers, "the run left its signal handlers installed"
+    return rc
 
 
 def one_error_line(capsys, *needles):

@@ -58,14 +58,22 @@ class Position:
 
 
 class StopFlag:
-    """SIGTERM / SIGINT set a flag that the loop reads after each step; a second signal stops at once."""
+    """While training (`with flag:`), SIGTERM / SIGINT set a flag that the loop reads after each step; a second
+    signal stops at once. On leaving, the handlers that were there before come back, so a run started from
+    Python (a notebook, a test) leaves Ctrl-C and SIGTERM working as they did."""
 
     def __init__(self):
         self.signum = None
+        self.previous = {}
 
-    def install(self):
+    def __enter__(self):
         for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
+            self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame):
         if self.signum is not None:
@@ -424,7 +432,6 @@ class Run:
 
     def fit(self):
         cfg, pos = self.cfg, self.pos
-        self.stop.install()
         if self.is_main:
             self.log.info(f"training epochs {pos.epoch + 1}..{cfg.epochs}")
         first = pos.epoch
@@ -481,7 +488,8 @@ def train(cfg):
         with lock:
             run.setup()
             try:
-                run.fit()
+                with run.stop:
+                    run.fit()
             except Stopped as s:
                 name = signal.Signals(s.signum).name
                 run.log.info(f"stopped by {name} at epoch {run.pos.epoch + 1}, step {run.pos.step_in_epoch}; "
