@@ -57,10 +57,12 @@ def run_procs(tmp_path, nproc, args, **env_extra):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path):
-    """Weights and (--model_ema) the EMA each rank keeps for itself, without communication."""
+@pytest.mark.parametrize("extra", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path, extra):
+    """Weights and (--model_ema) the EMA each rank keeps for itself, without communication. Compiled too: on a GPU
+    torchrun runs compile by default, and torch.compile splits a DDP model's graph at its gradient buckets."""
     data = make_cifar(str(tmp_path / "data"), n_train=64, n_test=16)
-    args = tiny_args(tmp_path, data, *DETERMINISTIC, "--model_ema", "--model_ema_decay", "0.9")
+    args = tiny_args(tmp_path, data, *DETERMINISTIC, "--model_ema", "--model_ema_decay", "0.9", *extra)
     ddp_args = [a if a != "8" or args[i - 1] != "--batch_size" else "4" for i, a in enumerate(args)]
     out = run_procs(tmp_path, 2, ddp_args)  # 2 ranks x batch 4
     r0 = torch.load(tmp_path / "rank0_of_2.pt", weights_only=True)
@@ -74,10 +76,11 @@ def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path):
     log_path = [line.split()[1] for line in out.splitlines() if line.startswith("LOG ") and len(line.split()) > 1][0]
     log = open(log_path).read()
     assert "global batch 8 = 4 x 1 accum x 2 process(es)" in log and "cpu x2" in log
+    assert ("torch.compile" in log) == bool(extra)
 
     single = tmp_path / "single"
     single.mkdir()
-    run_procs(single, 1, tiny_args(single, data, *DETERMINISTIC, "--model_ema", "--model_ema_decay", "0.9"))
+    run_procs(single, 1, tiny_args(single, data, *DETERMINISTIC, "--model_ema", "--model_ema_decay", "0.9", *extra))
     s = torch.load(single / "rank0_of_1.pt", weights_only=True)
     es = torch.load(single / "ema_rank0_of_1.pt", weights_only=True)
     # Same images, same averaged gradient; only the order of floating-point sums differs.
