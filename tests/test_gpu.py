@@ -19,7 +19,9 @@ TOL = {torch.float32: dict(rtol=1e-3, atol=1e-3), torch.bfloat16: dict(rtol=3e-2
 def scan_inputs(dtype, batch=16, dim=256, state=16, length=65, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
-    u, delta, z = r(batch, dim, length).to(dtype), (0.5 * r(batch, dim, length)).to(dtype), r(batch, dim, length).to(dtype)
+    u = r(batch, dim, length).to(dtype)
+    delta = (0.5 * r(batch, dim, length)).to(dtype)
+    z = r(batch, dim, length).to(dtype)
     A = -torch.exp(0.5 * r(dim, state))
     B, C = r(batch, state, length).to(dtype), r(batch, state, length).to(dtype)
     D, bias = r(dim), 0.1 * r(dim)

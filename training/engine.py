@@ -132,8 +132,8 @@ class Run:
             cfg.compile = default_compile(self.device, cfg.deterministic)
         if cfg.cuda_graphs and (self.device.type != "cuda" or self.world > 1):
             # one process only: compiled DDP splits the graph at its gradient buckets, untested with CUDA graphs here
-            raise UsageError("--cuda_graphs needs a CUDA device and a single process" +
-                             (f" (this run: {self.world} processes)" if self.world > 1 else f" (device: {self.device})"))
+            where = f"this run: {self.world} processes" if self.world > 1 else f"device: {self.device}"
+            raise UsageError(f"--cuda_graphs needs a CUDA device and a single process ({where})")
         try:  # a --scan backend this machine cannot run is bad input (one line, exit 2), not a crash
             resolve_scan(cfg.scan, self.device)
         except ValueError as e:
@@ -273,8 +273,8 @@ class Run:
             self.log.info(f"--resume auto: no checkpoint in {cfg.save_dir} yet, starting a new run")
         if self.ckpt:
             self.log.rewrite_jsonl(self.pos.history)
-            self.log.info(f"resumed from {self.resume_path} (log {self.ckpt['log_path']}): epoch {self.pos.epoch}, step {self.pos.step_in_epoch}"
-                          f" of {self.steps_per_epoch}, best {self.pos.best_acc:.2f}%")
+            self.log.info(f"resumed from {self.resume_path} (log {self.ckpt['log_path']}): epoch {self.pos.epoch}, "
+                          f"step {self.pos.step_in_epoch} of {self.steps_per_epoch}, best {self.pos.best_acc:.2f}%")
             self._note_changed_settings()
         n_params = sum(p.numel() for p in self.model.parameters())
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"

@@ -19,7 +19,8 @@ class TrainStep:
                  use_flip=True, input_size=32, mixup_alpha=0.8,
                  cutmix_alpha=1.0, label_smoothing=0.1, amp=False, clip_grad=0.0, train_model=None, cuda_graphs=False):
         self.model = model                              # the module whose parameters the optimizer holds
-        self.train_model = model if train_model is None else train_model        # what runs forward: the model, compiled or DDP-wrapped
+        # what runs forward: the model itself, or it compiled and/or DDP-wrapped
+        self.train_model = model if train_model is None else train_model
         self.optimizer, self.amp, self.clip_grad, self.input_size = optimizer, amp, clip_grad, input_size
         self.cuda_graphs = cuda_graphs  # train_model compiled with mode="reduce-overhead"
         self.device_type = next(model.parameters()).device.type
