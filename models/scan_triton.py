@@ -29,6 +29,10 @@ Backward, per program, with nothing saved by the forward but its inputs:
               dC_t     = sum_d dy_t*h_t                         dD  += sum_t dy_t*u_t
           dB and dC sum over channel blocks (fp32 atomics, or with DBC_PARTIALS one slot per block that torch sums);
           dA, dD and d(delta_bias) are per-batch partials that torch sums afterwards.
+  SUPER > 1 (a switch, untimed): pass 1 keeps the state only at the end of every group of SUPER chunks, and pass 2,
+          on reaching a group, recomputes its chunks' start states into SUPER slots of its own, read back soon after
+          (likely from cache). At one-step chunks the boundary states move about 5x the bytes of the real (bf16)
+          inputs and outputs, all through HBM; with groups SUPER times fewer go there, for one more recomputation.
 
 Registers. The state tile is (N, BLOCK_D) fp32, spread over one warp's lanes and registers (see FWD_CONFIG); sums over
 n (y, ddelta, du) and over channels (dB, dC) are in-thread adds plus a few shuffles. The backward keeps the BLOCK_L+1
@@ -63,7 +67,7 @@ FWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=4, num_warps=1)
 BWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=1, num_warps=1, CACHE_STEP=True)
 FWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=8, num_warps=1)
 BWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=4, num_warps=1)
-BWD_FLAGS = dict(CACHE_STEP=False, CACHE_DECAY=False, DBC_PARTIALS=False)  # the backward's switches a config leaves out
+BWD_FLAGS = dict(CACHE_STEP=False, CACHE_DECAY=False, DBC_PARTIALS=False, SUPER=1)  # what a config leaves out
 WIDE_MIN_PROGRAMS_PER_SM = 48
 LAST_LAUNCH = {}  # "fwd" / "bwd" -> registers per thread and spills of the last compiled launch
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
@@ -99,6 +103,16 @@ def _load_delta(ptr, offs, mask, bias, SOFTPLUS: tl.constexpr):
     if SOFTPLUS:
         dt = _softplus(raw)
     return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _advance(h, A, u_ptr, dt_ptr, B_ptr, p, offs_d, offs_n, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn, mask_d, mask_n, bias,
+             SOFTPLUS: tl.constexpr):
+    """The backward's recomputation of h_t from h_{t-1}, t at memory position p inside the sequence."""
+    u = _load(u_ptr, p * s_ul + offs_d * s_ud, mask_d)
+    dt, _ = _load_delta(dt_ptr, p * s_tl + offs_d * s_td, mask_d, bias, SOFTPLUS)
+    Bt = _load(B_ptr, p * s_Bl + offs_n * s_Bn, mask_n)
+    return tl.exp2((dt * LOG2E)[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
 
 
 @triton.jit
@@ -157,7 +171,8 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 s_dub, s_dud, s_dul, s_dtb, s_dtd, s_dtl, s_dzb, s_dzd, s_dzl,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
-                CACHE_STEP: tl.constexpr, CACHE_DECAY: tl.constexpr, DBC_PARTIALS: tl.constexpr):
+                CACHE_STEP: tl.constexpr, CACHE_DECAY: tl.constexpr, DBC_PARTIALS: tl.constexpr,
+                SUPER: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -188,20 +203,23 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
         dB_ptr += pid_b * L * N
         dC_ptr += pid_b * L * N
     n_chunks = tl.cdiv(L, BLOCK_L)
-    # This program's scratch: the state at the end of chunks 0 .. n_chunks-2, one (BLOCK_N, BLOCK_D) tile each.
+    n_super = tl.cdiv(n_chunks, SUPER)  # groups of SUPER chunks
+    TILE: tl.constexpr = BLOCK_N * BLOCK_D
+    # This program's scratch, one (BLOCK_N, BLOCK_D) tile per slot: the state at the end of every group but the last
+    # (n_super-1 slots), then, with SUPER > 1, the start states of the group being worked on (SUPER slots).
     ck_tile = offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
-    ck_ptr += (pid_b * tl.num_programs(0) + pid_d) * (n_chunks - 1) * (BLOCK_N * BLOCK_D)
+    ck_ptr += (pid_b * tl.num_programs(0) + pid_d) * (n_super - 1 + (SUPER if SUPER > 1 else 0)) * TILE
+    group_ptr = ck_ptr + (n_super - 1) * TILE
 
-    # Pass 1: chunk-boundary states (every step of these chunks is inside the sequence).
+    # Pass 1: group-boundary states (every step of these groups is inside the sequence).
     h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for c in range(0, n_chunks - 1):
-        for k in tl.static_range(BLOCK_L):
-            p = _position(c * BLOCK_L + k, L, REVERSE)
-            u = _load(u_ptr, p * s_ul + offs_d * s_ud, mask_d)
-            dt, _ = _load_delta(dt_ptr, p * s_tl + offs_d * s_td, mask_d, bias, SOFTPLUS)
-            Bt = _load(B_ptr, p * s_Bl + offs_n * s_Bn, mask_n)
-            h = tl.exp2((dt * LOG2E)[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
-        tl.store(ck_ptr + c * (BLOCK_N * BLOCK_D) + ck_tile, h)
+    for s in range(0, n_super - 1):
+        for j in range(0, SUPER):
+            for k in tl.static_range(BLOCK_L):
+                p = _position((s * SUPER + j) * BLOCK_L + k, L, REVERSE)
+                h = _advance(h, A, u_ptr, dt_ptr, B_ptr, p, offs_d, offs_n, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn,
+                             mask_d, mask_n, bias, SOFTPLUS)
+        tl.store(ck_ptr + s * TILE + ck_tile, h)
 
     # Pass 2: chunks from last to first.
     q = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)  # a_{t+1}*g_{t+1}; across chunks, t+1 = first step of the later one
@@ -210,7 +228,23 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
-        h = tl.load(ck_ptr + tl.maximum(c - 1, 0) * (BLOCK_N * BLOCK_D) + ck_tile, mask=mask_nd & (c > 0), other=0.0)
+        s = c // SUPER
+        j = c - s * SUPER
+        if SUPER == 1:
+            h = tl.load(ck_ptr + tl.maximum(s - 1, 0) * TILE + ck_tile, mask=mask_nd & (s > 0), other=0.0)
+        else:
+            if j == tl.minimum(SUPER, n_chunks - s * SUPER) - 1:  # the group's last chunk: a new group begins
+                # From the group's start state, recompute the start state of each of its chunks into this program's
+                # group slots: the boundary states in HBM are SUPER times fewer, these few are re-read soon after.
+                h = tl.load(ck_ptr + tl.maximum(s - 1, 0) * TILE + ck_tile, mask=mask_nd & (s > 0), other=0.0)
+                tl.store(group_ptr + ck_tile, h)
+                for jj in range(0, j):
+                    for k in tl.static_range(BLOCK_L):
+                        p = _position((s * SUPER + jj) * BLOCK_L + k, L, REVERSE)
+                        h = _advance(h, A, u_ptr, dt_ptr, B_ptr, p, offs_d, offs_n, s_ul, s_ud, s_tl, s_td, s_Bl,
+                                     s_Bn, mask_d, mask_n, bias, SOFTPLUS)
+                    tl.store(group_ptr + (jj + 1) * TILE + ck_tile, h)
+            h = tl.load(group_ptr + j * TILE + ck_tile)
         # Recompute the chunk's states: h_cur[k] = h_t and h_prev[k] = h_{t-1} for its k-th step t (the same values,
         # shifted: the tuples cost no registers twice, and indices stay plain loop constants).
         # With CACHE_STEP the step's loaded vectors (u, delta, B) are kept for the way back too, and with CACHE_DECAY
@@ -366,7 +400,9 @@ def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
     dA = torch.empty(Bsz, N, Dim, **f32)
     dD = torch.empty(Bsz, Dim, **f32)
     dbias = torch.empty(Bsz, Dim, **f32)
-    ck = torch.empty(max((triton.cdiv(L, meta["BLOCK_L"]) - 1) * grid[0] * Bsz * tile, 1), **f32)
+    sup = meta["SUPER"]
+    slots = triton.cdiv(triton.cdiv(L, meta["BLOCK_L"]), sup) - 1 + (sup if sup > 1 else 0)  # per program
+    ck = torch.empty(max(slots * grid[0] * Bsz * tile, 1), **f32)
     z_strides = z.stride() if z is not None else (0, 0, 0)
     _note_launch("bwd", _bwd_kernel[grid](
         u, delta, At, B, C, D if D is not None else u, z if z is not None else u,

@@ -44,14 +44,17 @@ def test_launch_shapes_are_parsed_checked_and_applied(tmp_path, monkeypatch, cap
         monkeypatch.setattr(st, name, getattr(st, name))  # restored after the test
     out = tmp_path / "bench.json"
     assert benchmark.main(["--cpu_smoke", "--json", str(out), "--launch", "BWD_CONFIG_NARROW=32,2,1,step,decay",
-                           "FWD_CONFIG=64,4,2"]) == 0
+                           "FWD_CONFIG=64,4,2", "BWD_CONFIG=64,1,1,step,super4"]) == 0
     assert st.BWD_CONFIG_NARROW == dict(BLOCK_D=32, BLOCK_L=2, num_warps=1, CACHE_STEP=True, CACHE_DECAY=True,
-                                        DBC_PARTIALS=False)
+                                        DBC_PARTIALS=False, SUPER=1)
+    assert st.BWD_CONFIG == dict(BLOCK_D=64, BLOCK_L=1, num_warps=1, CACHE_STEP=True, CACHE_DECAY=False,
+                                 DBC_PARTIALS=False, SUPER=4)
     assert st.FWD_CONFIG == dict(BLOCK_D=64, BLOCK_L=4, num_warps=2)
     assert json.loads(out.read_text())["meta"]["launch"]["BWD_CONFIG_NARROW"]["CACHE_STEP"] is True
     capsys.readouterr()
     for bad in ("BWD=32,2,1", "FWD_CONFIG=32,2", "FWD_CONFIG=32,3,1", "FWD_CONFIG=32,2,1,step", "BWD_CONFIG=a,2,1",
-                "BWD_CONFIG=32,2,1,fast"):
+                "BWD_CONFIG=32,2,1,fast", "BWD_CONFIG=32,2,1,super0", "BWD_CONFIG=32,2,1,super2,super4",
+                "FWD_CONFIG=32,2,1,super2"):
         assert benchmark.main(["--cpu_smoke", "--launch", bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and bad in err

@@ -57,7 +57,11 @@ CACHED_CONFIGS = {"cache_step": dict(CACHE_STEP=True, CACHE_DECAY=False),
                   "cache_decay": dict(CACHE_STEP=False, CACHE_DECAY=True),
                   "cache_both": dict(CACHE_STEP=True, CACHE_DECAY=True),
                   "wide_steps1": dict(BLOCK_D=64, BLOCK_L=1, CACHE_STEP=True, CACHE_DECAY=False),  # BWD_CONFIG's form
-                  "partials": dict(BLOCK_D=16, BLOCK_L=2, CACHE_STEP=True, DBC_PARTIALS=True)}  # dB, dC per block
+                  "partials": dict(BLOCK_D=16, BLOCK_L=2, CACHE_STEP=True, DBC_PARTIALS=True),  # dB, dC per block
+                  # boundary states kept every SUPER chunks, a group's chunk starts recomputed (last group partial
+                  # or of one chunk, with a partial last chunk or not)
+                  "super3": dict(BLOCK_D=16, BLOCK_L=2, SUPER=3),
+                  "super4_steps1": dict(BLOCK_D=64, BLOCK_L=1, CACHE_STEP=True, SUPER=4)}
 CACHED_CASES = [CASES[2], CASES[4], CASES[8]]
 
 
