@@ -58,3 +58,21 @@ def test_launch_shapes_are_parsed_checked_and_applied(tmp_path, monkeypatch, cap
         assert benchmark.main(["--cpu_smoke", "--launch", bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and bad in err
+
+
+def test_scan_regs_compiles_for_a_gpu_without_one(tmp_path, capsys):
+    """tools/scan_regs.py: the Triton kernels compiled for sm_90 here, registers and spills read from the cubin."""
+    import pytest
+    pytest.importorskip("triton")
+    from tools import scan_regs
+    out = tmp_path / "regs.json"
+    assert scan_regs.main(["--launch", "FWD_CONFIG=16,2,1", "BWD_CONFIG_NARROW=16,2,1",
+                           "BWD_CONFIG_NARROW=16,2,1,step,super2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["name"] for r in rows] == ["FWD_CONFIG", "BWD_CONFIG_NARROW", "BWD_CONFIG_NARROW"]  # both shapes kept
+    assert rows[1]["SUPER"] == 1 and rows[2]["SUPER"] == 2 and rows[2]["CACHE_STEP"] is True and rows[2]["arch"] == 90
+    assert all(0 < r["regs"] <= 255 and r["stack_bytes"] >= 0 for r in rows)
+    assert capsys.readouterr().out.count("regs") == 3
+    assert scan_regs.main(["--launch", "FWD_CONFIG=16,2,1,super2"]) == 2  # SUPER is the backward's
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "scan_regs.py: error: --launch" in err

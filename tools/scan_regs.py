@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Registers and spills of the Triton scan kernels, compiled for a GPU architecture on any machine (no GPU needed).
+
+The backward kernel runs out of registers at its wider launch shapes, and what spills is what makes one shape
+slower than another; this shows it without a GPU, before a GPU session times the shapes (benchmark.py --scan_sweep).
+
+    python tools/scan_regs.py                                   # the launch shapes in use, for sm_90 (H100, H200)
+    python tools/scan_regs.py --launch BWD_CONFIG_NARROW=32,4,1,super2 BWD_CONFIG=64,1,1,step --arch 80
+
+Per kernel and shape: registers per thread and stack bytes per thread (spilled registers live there), as ptxas
+allocates them for the model's case (bf16 activations, fp32 parameters, 16 states, D, z, delta_bias and softplus on,
+forward scan). Numbers belong to the installed Triton and ptxas: another Triton version may allocate differently.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.benchmark import LAUNCH_NAMES, parse_launch  # noqa: E402
+
+FP32_ARGS = {"A_ptr", "D_ptr", "bias_ptr", "dB_ptr", "dC_ptr", "dA_ptr", "dD_ptr", "dbias_ptr", "ck_ptr"}
+MODEL_FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, BLOCK_N=16)
+
+
+def compile_kernel(kind, config, arch):
+    """-> the compiled kernel of one launch shape ("fwd" or "bwd") for sm_<arch>."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import models.scan_triton as st
+    kernel = st._fwd_kernel if kind == "fwd" else st._bwd_kernel
+    consts = dict(MODEL_FLAGS, **(dict(st.BWD_FLAGS) if kind == "bwd" else {}))
+    consts.update({k: v for k, v in config.items() if k != "num_warps"})
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in consts else ("*fp32" if n in FP32_ARGS else "*bf16") if n.endswith("_ptr")
+                 else "i32" for n in names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()
+                                                                   if n in names})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config["num_warps"]))
+
+
+def resource_usage(compiled):
+    """-> (registers, stack bytes) per thread, read from the cubin by the cuobjdump that ships with Triton."""
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    if not match:
+        raise RuntimeError(f"no register count in cuobjdump's output: {out.strip()[:200]}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability as a number: 90 (H100/H200), 80 (A100)")
+    p.add_argument("--launch", nargs="+", default=[], metavar="NAME=D,L,W[,step][,decay][,partials][,superN]",
+                   help="these shapes instead of the ones in models/scan_triton.py (as in benchmark.py --launch)")
+    p.add_argument("--json", default=None, help="write the rows here")
+    args = p.parse_args(argv)
+    try:
+        import triton  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError:
+        print("scan_regs.py: error: Triton with its NVIDIA backend is not installed", file=sys.stderr)
+        return 2
+    try:  # one item at a time: the same name may come with several shapes, to compare them
+        shapes = [next(iter(parse_launch([item]).items())) for item in args.launch]
+    except ValueError as e:
+        print(f"scan_regs.py: error: {e}", file=sys.stderr)
+        return 2
+    import models.scan_triton as st
+    shapes = shapes or [(name, getattr(st, name)) for name in LAUNCH_NAMES]
+    rows = []
+    for name, config in shapes:
+        kind = "bwd" if "BWD" in name else "fwd"
+        try:
+            regs, stack = resource_usage(compile_kernel(kind, config, args.arch))
+        except Exception as e:  # one line, not a traceback: the Triton API moves between versions
+            print(f"scan_regs.py: error: compiling {name} {config} for sm_{args.arch} failed: "
+                  f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", file=sys.stderr)
+            return 1
+        rows.append(dict(name=name, **config, arch=args.arch, regs=regs, stack_bytes=stack))
+        shape = ",".join(f"{k}={v}" for k, v in config.items())
+        print(f"{name:<18} sm_{args.arch}  {shape:<80} regs {regs:>3}  stack {stack:>5} bytes", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
