@@ -106,6 +106,24 @@ def _load_delta(ptr, offs, mask, bias, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _program_setup(A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask_nd, s_Ad, s_An,
+                   u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, o_ptr, pid_b, s_ub, s_tb, s_Bb, s_Cb, s_zb, s_ob,
+                   HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """What both kernels start with: this program's (BLOCK_N, BLOCK_D) tile of A (padded (state, channel) pairs get
+    A = 0, and B = C = 0 from their masked loads, so their state stays 0), its channels' delta_bias and D (0.0 when
+    absent), and the input pointers (and out / dout) moved to its batch element."""
+    A = _load(A_ptr, offs_n[:, None] * s_An + offs_d[None, :] * s_Ad, mask_nd)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = _load(bias_ptr, offs_d, mask_d)
+    Dv = 0.0
+    if HAS_D:
+        Dv = _load(D_ptr, offs_d, mask_d)
+    return (A, bias, Dv, u_ptr + pid_b * s_ub, dt_ptr + pid_b * s_tb, B_ptr + pid_b * s_Bb, C_ptr + pid_b * s_Cb,
+            z_ptr + pid_b * s_zb, o_ptr + pid_b * s_ob)
+
+
+@triton.jit
 def _advance(h, A, u_ptr, dt_ptr, B_ptr, p, offs_d, offs_n, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn, mask_d, mask_n, bias,
              SOFTPLUS: tl.constexpr):
     """The backward's recomputation of h_t from h_{t-1}, t at memory position p inside the sequence."""
@@ -127,19 +145,9 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < Dim
     mask_n = offs_n < N
-    # (BLOCK_N, BLOCK_D) tiles; padded (state, channel) pairs get A = 0 and B = C = 0, so their state stays 0.
-    A = _load(A_ptr, offs_n[:, None] * s_An + offs_d[None, :] * s_Ad, mask_n[:, None] & mask_d[None, :])
-    bias = 0.0
-    if HAS_BIAS:
-        bias = _load(bias_ptr, offs_d, mask_d)
-    if HAS_D:
-        Dv = _load(D_ptr, offs_d, mask_d)
-    u_ptr += pid_b * s_ub
-    dt_ptr += pid_b * s_tb
-    B_ptr += pid_b * s_Bb
-    C_ptr += pid_b * s_Cb
-    z_ptr += pid_b * s_zb
-    out_ptr += pid_b * s_ob
+    A, bias, Dv, u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, out_ptr = _program_setup(
+        A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask_n[:, None] & mask_d[None, :], s_Ad, s_An,
+        u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, out_ptr, pid_b, s_ub, s_tb, s_Bb, s_Cb, s_zb, s_ob, HAS_D, HAS_BIAS)
 
     h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for l0 in range(0, L, BLOCK_L):
@@ -180,19 +188,9 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
     mask_d = offs_d < Dim
     mask_n = offs_n < N
     mask_nd = mask_n[:, None] & mask_d[None, :]
-    A = _load(A_ptr, offs_n[:, None] * s_An + offs_d[None, :] * s_Ad, mask_nd)
-    bias = 0.0
-    if HAS_BIAS:
-        bias = _load(bias_ptr, offs_d, mask_d)
-    Dv = 0.0
-    if HAS_D:
-        Dv = _load(D_ptr, offs_d, mask_d)
-    u_ptr += pid_b * s_ub
-    dt_ptr += pid_b * s_tb
-    B_ptr += pid_b * s_Bb
-    C_ptr += pid_b * s_Cb
-    z_ptr += pid_b * s_zb
-    dout_ptr += pid_b * s_ob
+    A, bias, Dv, u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, dout_ptr = _program_setup(
+        A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask_nd, s_Ad, s_An,
+        u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, pid_b, s_ub, s_tb, s_Bb, s_Cb, s_zb, s_ob, HAS_D, HAS_BIAS)
     du_ptr += pid_b * s_dub
     ddt_ptr += pid_b * s_dtb
     dz_ptr += pid_b * s_dzb
