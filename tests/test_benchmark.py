@@ -9,6 +9,15 @@ def test_cpu_smoke_writes_rows(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1 and rows[0]["model"] == "vim" and rows[0]["images_per_s"] > 0
     assert "img/s" in capsys.readouterr().out
+    assert json.loads(out.read_text())["meta"]["cudnn_benchmark"] is True  # as training sets it
+
+
+def test_no_cudnn_benchmark_turns_the_autotuner_off(tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored afterwards
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--cpu_smoke", "--no_cudnn_benchmark", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["meta"]["cudnn_benchmark"] is False
 
 
 def test_needs_a_gpu_without_cpu_smoke(capsys):

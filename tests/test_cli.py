@@ -81,6 +81,21 @@ def test_compile_default_follows_the_device(device, deterministic, expected):
     assert default_compile(torch.device(device), deterministic) is expected
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backend_flags_follow_deterministic(deterministic):
+    """cuDNN's autotuner is on for training unless --deterministic asks for repeatable kernels."""
+    from training.engine import set_backend_flags
+    saved = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    try:
+        set_backend_flags(deterministic)
+        assert torch.backends.cudnn.benchmark is (not deterministic)
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark = saved[1]
+
+
 def test_cuda_graphs_are_refused_with_several_processes(tmp_path, monkeypatch):
     """CUDA graphs are tested in one process only (tests/test_gpu.py); under torchrun the run stops at once."""
     import training.engine as engine

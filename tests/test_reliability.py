@@ -131,11 +131,13 @@ def call_main(argv):
     checks that the run (finished, stopped or failed) gave back the SIGTERM/SIGINT handlers it found."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     det, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    autotune = torch.backends.cudnn.benchmark
     try:
         rc = cli.main([str(a) for a in argv])
     finally:
         torch.use_deterministic_algorithms(det)
         torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = autotune
     assert {s: signal.getsignal(s) for s in handlers} == handlers, "the run left its signal handlers installed"
     return rc
 

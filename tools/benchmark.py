@@ -21,6 +21,7 @@ from models.bimamba import causal_conv1d_available  # noqa: E402
 from models.scan import SCAN_CHOICES, resolve_scan  # noqa: E402
 from models.vim import build_model, vim_config  # noqa: E402
 from training.data import MEAN_STD  # noqa: E402
+from training.engine import set_backend_flags  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 from training.step import TrainStep  # noqa: E402
 
@@ -245,6 +246,8 @@ def main(argv=None):
     p.add_argument("--compile_mode", default=None, choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                    help="torch.compile's mode for the Vision Mamba (reduce-overhead: CUDA graphs)")
     p.add_argument("--no_vit", action="store_true", help="skip the ViT comparison")
+    p.add_argument("--no_cudnn_benchmark", action="store_true",
+                   help="leave cuDNN's autotuner off (training turns it on unless --deterministic), for an A/B")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", default=None, help="write the rows here")
@@ -263,6 +266,8 @@ def main(argv=None):
     except ValueError as e:
         print(f"benchmark.py: error: {e}", file=sys.stderr)
         return 2
+    set_backend_flags(deterministic=False)  # as training sets them
+    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     if launch:
         import models.scan_triton as st
         for name, cfg in launch.items():
@@ -309,7 +314,8 @@ def main(argv=None):
                     print(f"{r['model']:<6} {arch:<12} {width:>5} {depth:>5} {r['tokens']:>6} {batch:>5} "
                           f"{str(r.get('scan') or 'attn'):<7} {ips:>9} {str(mem):>8} {ratio:>6}", flush=True)
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-                steps=args.steps, warmup=args.warmup, compile_vim=args.compile, launch=launch)
+                steps=args.steps, warmup=args.warmup, compile_vim=args.compile, launch=launch,
+                cudnn_benchmark=torch.backends.cudnn.benchmark)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

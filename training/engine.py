@@ -103,6 +103,19 @@ def resolve_device(cfg, local_rank):
     return torch.device("cuda", cfg.gpu)
 
 
+def set_backend_flags(deterministic):
+    """Process-wide kernel choices of a training run (tools/benchmark.py times its step with the same ones): TF32
+    for fp32 matrix multiplies and convolutions, and cuDNN's autotuner, which times the candidate algorithms for
+    each convolution shape once and keeps the fastest (a run's shapes never change: the stem's convolutions are
+    tuned in the first step); with --deterministic, deterministic kernels and no autotuner (it may pick
+    differently from run to run)."""
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = not deterministic
+
+
 def default_compile(device, deterministic):
     """--compile left out: on with CUDA, where it made the training step 1.6-1.9x faster (README, Speed); off on the
     CPU (minutes of compiling for a test-sized run) and with --deterministic (inductor's kernels are not)."""
@@ -150,10 +163,7 @@ class Run:
         cfg, device = self.cfg, self.device
         if cfg.num_workers:
             torch.set_num_threads(cfg.num_workers)
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        set_backend_flags(cfg.deterministic)
         self.amp = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
         self.paths = checkpoint_paths(cfg.save_dir, cfg.arch, cfg.dataset)
 
