@@ -67,7 +67,7 @@ FWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=4, num_warps=1)
 BWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=1, num_warps=1, CACHE_STEP=True)
 FWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=8, num_warps=1)
 BWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=4, num_warps=1)
-BWD_FLAGS = dict(CACHE_STEP=False, CACHE_DECAY=False, DBC_PARTIALS=False, SUPER=1)  # what a config leaves out
+BWD_FLAGS = dict(CACHE_STEP=False, CACHE_DECAY=False, DBC_PARTIALS=False, SUPER=1, PREFETCH=False)  # when left out
 WIDE_MIN_PROGRAMS_PER_SM = 48
 LAST_LAUNCH = {}  # "fwd" / "bwd" -> registers per thread and spills of the last compiled launch
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
@@ -171,6 +171,71 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_
 
 
 @triton.jit
+def _load_raw(ptr, offs, mask):
+    """A load left in its stored dtype: nothing uses it before the next step, so its latency hides behind this one."""
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _advance_raw(h, A, u, dt_raw, Bt, mask_d, bias, SOFTPLUS: tl.constexpr):
+    """-> (h_t, exp(delta_t*A), u_t, delta_t, delta_t + bias, B_t), fp32, from h_{t-1} and the step's raw loads."""
+    u = u.to(tl.float32)
+    raw = dt_raw.to(tl.float32) + bias
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    dt = tl.where(mask_d, dt, 0.0)
+    Bt = Bt.to(tl.float32)
+    a = tl.exp2((dt * LOG2E)[None, :] * A)
+    return a * h + Bt[:, None] * (dt * u)[None, :], a, u, dt, raw, Bt
+
+
+@triton.jit
+def _step_back(u, dt, dt_raw, Bt, Ct, dy, z, a, h_prev, h_cur, q, dA_acc, dD_acc, dbias_acc, A, Dv, p, m_d, m_n,
+               offs_d, offs_n, N, du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, s_dul, s_dud, s_dtl, s_dtd, s_dzl, s_dzd,
+               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, HAVE_DECAY: tl.constexpr,
+               DBC_PARTIALS: tl.constexpr):
+    """The backward's step back through step t (memory position p), from its loaded inputs (fp32) and its states
+    h_{t-1} (h_prev) and h_t (h_cur): stores du, ddelta and dz of the step, adds its dB and dC, and returns
+    (q = a_t*g_t for step t-1, and the dA, dD and delta_bias sums). a is exp(delta_t*A) when HAVE_DECAY, else unused
+    and recomputed here."""
+    if HAS_Z:
+        y = tl.sum(h_cur * Ct[:, None], axis=0) + Dv * u
+        sz = tl.sigmoid(z)
+        dz = dy * y * sz * (1.0 + z * (1.0 - sz))
+        tl.store(dz_ptr + p * s_dzl + offs_d * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
+        dy = dy * z * sz
+    g = Ct[:, None] * dy[None, :] + q                 # g_t = C_t*dy_t + a_{t+1}*g_{t+1}
+    if not HAVE_DECAY:
+        a = tl.exp2((dt * LOG2E)[None, :] * A)
+    q = a * g                                         # a_t*g_t, passed back to step t-1
+    ghb = q * h_prev                                  # g_t * a_t * h_{t-1}
+    dA_acc += ghb * dt[None, :]
+    gB = tl.sum(g * Bt[:, None], axis=0)
+    ddt = tl.sum(ghb * A, axis=0) + u * gB
+    du = dt * gB + Dv * dy
+    if HAS_D:
+        dD_acc += dy * u
+    if SOFTPLUS:
+        ddt = ddt * tl.sigmoid(dt_raw)               # softplus'(x) = sigmoid(x) (and 1 above 20)
+    ddt = tl.where(m_d, ddt, 0.0)
+    dbias_acc += ddt
+    tl.store(du_ptr + p * s_dul + offs_d * s_dud, du.to(du_ptr.dtype.element_ty), mask=m_d)
+    tl.store(ddt_ptr + p * s_dtl + offs_d * s_dtd, ddt.to(ddt_ptr.dtype.element_ty), mask=m_d)
+    # sums over this program's channels, stored in its own slot or added to the entries that the other channel
+    # blocks add into (same-address atomics from D/BLOCK_D programs)
+    dB_t = tl.sum(g * (dt * u)[None, :], axis=1)
+    dC_t = tl.sum(h_cur * dy[None, :], axis=1)
+    if DBC_PARTIALS:
+        tl.store(dB_ptr + p * N + offs_n, dB_t, mask=m_n)
+        tl.store(dC_ptr + p * N + offs_n, dC_t, mask=m_n)
+    else:
+        tl.atomic_add(dB_ptr + p * N + offs_n, dB_t, mask=m_n, sem="relaxed")
+        tl.atomic_add(dC_ptr + p * N + offs_n, dC_t, mask=m_n, sem="relaxed")
+    return q, dA_acc, dD_acc, dbias_acc
+
+
+@triton.jit
 def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
                 du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, ck_ptr,
                 Dim, L, N,
@@ -180,7 +245,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
                 CACHE_STEP: tl.constexpr, CACHE_DECAY: tl.constexpr, DBC_PARTIALS: tl.constexpr,
-                SUPER: tl.constexpr):
+                SUPER: tl.constexpr, PREFETCH: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -211,111 +276,131 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
 
     # Pass 1: group-boundary states (every step of these groups is inside the sequence).
     h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for s in range(0, n_super - 1):
-        for j in range(0, SUPER):
-            for k in tl.static_range(BLOCK_L):
-                p = _position((s * SUPER + j) * BLOCK_L + k, L, REVERSE)
-                h = _advance(h, A, u_ptr, dt_ptr, B_ptr, p, offs_d, offs_n, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn,
-                             mask_d, mask_n, bias, SOFTPLUS)
-        tl.store(ck_ptr + s * TILE + ck_tile, h)
+    if PREFETCH:  # one-step chunks, no groups: step s+1's loads are issued before step s is computed
+        p = _position(0, L, REVERSE)
+        nu = _load_raw(u_ptr, p * s_ul + offs_d * s_ud, mask_d)
+        ndt = _load_raw(dt_ptr, p * s_tl + offs_d * s_td, mask_d)
+        nB = _load_raw(B_ptr, p * s_Bl + offs_n * s_Bn, mask_n)
+        for s in range(0, n_chunks - 1):
+            cu, cdt, cB = nu, ndt, nB
+            p = _position(s + 1, L, REVERSE)
+            nu = _load_raw(u_ptr, p * s_ul + offs_d * s_ud, mask_d)
+            ndt = _load_raw(dt_ptr, p * s_tl + offs_d * s_td, mask_d)
+            nB = _load_raw(B_ptr, p * s_Bl + offs_n * s_Bn, mask_n)
+            h, _, _, _, _, _ = _advance_raw(h, A, cu, cdt, cB, mask_d, bias, SOFTPLUS)
+            tl.store(ck_ptr + s * TILE + ck_tile, h)
+    else:
+        for s in range(0, n_super - 1):
+            for j in range(0, SUPER):
+                for k in tl.static_range(BLOCK_L):
+                    p = _position((s * SUPER + j) * BLOCK_L + k, L, REVERSE)
+                    h = _advance(h, A, u_ptr, dt_ptr, B_ptr, p, offs_d, offs_n, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn,
+                                 mask_d, mask_n, bias, SOFTPLUS)
+            tl.store(ck_ptr + s * TILE + ck_tile, h)
 
     # Pass 2: chunks from last to first.
     q = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)  # a_{t+1}*g_{t+1}; across chunks, t+1 = first step of the later one
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
-    for i in range(0, n_chunks):
-        c = n_chunks - 1 - i
-        s = c // SUPER
-        j = c - s * SUPER
-        if SUPER == 1:
-            h = tl.load(ck_ptr + tl.maximum(s - 1, 0) * TILE + ck_tile, mask=mask_nd & (s > 0), other=0.0)
-        else:
-            if j == tl.minimum(SUPER, n_chunks - s * SUPER) - 1:  # the group's last chunk: a new group begins
-                # From the group's start state, recompute the start state of each of its chunks into this program's
-                # group slots: the boundary states in HBM are SUPER times fewer, these few are re-read soon after.
+    if PREFETCH:  # one-step chunks: step t-1's loads (and its start state) are issued before step t is worked on
+        p = _position(L - 1, L, REVERSE)
+        nu = _load_raw(u_ptr, p * s_ul + offs_d * s_ud, mask_d)
+        ndt = _load_raw(dt_ptr, p * s_tl + offs_d * s_td, mask_d)
+        nB = _load_raw(B_ptr, p * s_Bl + offs_n * s_Bn, mask_n)
+        nC = _load_raw(C_ptr, p * s_Cl + offs_n * s_Cn, mask_n)
+        ndy = _load_raw(dout_ptr, p * s_ol + offs_d * s_od, mask_d)
+        nz = ndy
+        if HAS_Z:
+            nz = _load_raw(z_ptr, p * s_zl + offs_d * s_zd, mask_d)
+        nh = tl.load(ck_ptr + tl.maximum(L - 2, 0) * TILE + ck_tile, mask=mask_nd & (L > 1), other=0.0)
+        for i in range(0, L):
+            t = L - 1 - i
+            p = _position(t, L, REVERSE)
+            cu, cdt, cB, cC, cdy, cz, h = nu, ndt, nB, nC, ndy, nz, nh
+            tn = tl.maximum(t - 1, 0)  # the step worked on next (after step 0: step 0 again, loaded and unused)
+            pn = _position(tn, L, REVERSE)
+            nu = _load_raw(u_ptr, pn * s_ul + offs_d * s_ud, mask_d)
+            ndt = _load_raw(dt_ptr, pn * s_tl + offs_d * s_td, mask_d)
+            nB = _load_raw(B_ptr, pn * s_Bl + offs_n * s_Bn, mask_n)
+            nC = _load_raw(C_ptr, pn * s_Cl + offs_n * s_Cn, mask_n)
+            ndy = _load_raw(dout_ptr, pn * s_ol + offs_d * s_od, mask_d)
+            if HAS_Z:
+                nz = _load_raw(z_ptr, pn * s_zl + offs_d * s_zd, mask_d)
+            nh = tl.load(ck_ptr + tl.maximum(tn - 1, 0) * TILE + ck_tile, mask=mask_nd & (tn > 0), other=0.0)
+            h_cur, a, u, dt, dt_raw, Bt = _advance_raw(h, A, cu, cdt, cB, mask_d, bias, SOFTPLUS)
+            q, dA_acc, dD_acc, dbias_acc = _step_back(
+                u, dt, dt_raw, Bt, cC.to(tl.float32), cdy.to(tl.float32), cz.to(tl.float32), a, h, h_cur, q,
+                dA_acc, dD_acc, dbias_acc, A, Dv, p, mask_d, mask_n, offs_d, offs_n, N, du_ptr, ddt_ptr, dz_ptr,
+                dB_ptr, dC_ptr, s_dul, s_dud, s_dtl, s_dtd, s_dzl, s_dzd, HAS_D, HAS_Z, SOFTPLUS, True, DBC_PARTIALS)
+    else:
+        for i in range(0, n_chunks):
+            c = n_chunks - 1 - i
+            s = c // SUPER
+            j = c - s * SUPER
+            if SUPER == 1:
                 h = tl.load(ck_ptr + tl.maximum(s - 1, 0) * TILE + ck_tile, mask=mask_nd & (s > 0), other=0.0)
-                tl.store(group_ptr + ck_tile, h)
-                for jj in range(0, j):
-                    for k in tl.static_range(BLOCK_L):
-                        p = _position((s * SUPER + jj) * BLOCK_L + k, L, REVERSE)
-                        h = _advance(h, A, u_ptr, dt_ptr, B_ptr, p, offs_d, offs_n, s_ul, s_ud, s_tl, s_td, s_Bl,
-                                     s_Bn, mask_d, mask_n, bias, SOFTPLUS)
-                    tl.store(group_ptr + (jj + 1) * TILE + ck_tile, h)
-            h = tl.load(group_ptr + j * TILE + ck_tile)
-        # Recompute the chunk's states: h_cur[k] = h_t and h_prev[k] = h_{t-1} for its k-th step t (the same values,
-        # shifted: the tuples cost no registers twice, and indices stay plain loop constants).
-        # With CACHE_STEP the step's loaded vectors (u, delta, B) are kept for the way back too, and with CACHE_DECAY
-        # its exp(delta_t*A) tile: fewer loads and exponentials against more live registers (--scan_sweep times both).
-        h_prev = ()
-        h_cur = ()
-        steps = ()
-        decays = ()
-        for k in tl.static_range(BLOCK_L):
-            t = c * BLOCK_L + k
-            p = _position(t, L, REVERSE)
-            m_d = mask_d & (t < L)
-            u = _load(u_ptr, p * s_ul + offs_d * s_ud, m_d)
-            dt, dt_raw = _load_delta(dt_ptr, p * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
-            Bt = _load(B_ptr, p * s_Bl + offs_n * s_Bn, mask_n & (t < L))
-            h_prev = h_prev + (h,)
-            a = tl.exp2((dt * LOG2E)[None, :] * A)
-            h = a * h + Bt[:, None] * (dt * u)[None, :]
-            h_cur = h_cur + (h,)
-            if CACHE_STEP:
-                steps = steps + ((u, dt, dt_raw, Bt),)
-            if CACHE_DECAY:
-                decays = decays + (a,)
-        # Step back through the chunk with the adjoint state g.
-        for k in tl.static_range(BLOCK_L - 1, -1, -1):
-            t = c * BLOCK_L + k
-            p = _position(t, L, REVERSE)
-            m_d = mask_d & (t < L)
-            m_n = mask_n & (t < L)
-            if CACHE_STEP:
-                u, dt, dt_raw, Bt = steps[k]
             else:
+                if j == tl.minimum(SUPER, n_chunks - s * SUPER) - 1:  # the group's last chunk: a new group begins
+                    # From the group's start state, recompute the start state of each of its chunks into this program's
+                    # group slots: the boundary states in HBM are SUPER times fewer, these few are re-read soon after.
+                    h = tl.load(ck_ptr + tl.maximum(s - 1, 0) * TILE + ck_tile, mask=mask_nd & (s > 0), other=0.0)
+                    tl.store(group_ptr + ck_tile, h)
+                    for jj in range(0, j):
+                        for k in tl.static_range(BLOCK_L):
+                            p = _position((s * SUPER + jj) * BLOCK_L + k, L, REVERSE)
+                            h = _advance(h, A, u_ptr, dt_ptr, B_ptr, p, offs_d, offs_n, s_ul, s_ud, s_tl, s_td, s_Bl,
+                                         s_Bn, mask_d, mask_n, bias, SOFTPLUS)
+                        tl.store(group_ptr + (jj + 1) * TILE + ck_tile, h)
+                h = tl.load(group_ptr + j * TILE + ck_tile)
+            # Recompute the chunk's states: h_cur[k] = h_t and h_prev[k] = h_{t-1} for its k-th step t (the same
+            # values, shifted: the tuples cost no registers twice, and indices stay plain loop constants).
+            # With CACHE_STEP the step's loaded vectors (u, delta, B) are kept for the way back too, and with
+            # CACHE_DECAY its exp(delta_t*A) tile: fewer loads and exponentials against more live registers
+            # (--scan_sweep times both).
+            h_prev = ()
+            h_cur = ()
+            steps = ()
+            decays = ()
+            for k in tl.static_range(BLOCK_L):
+                t = c * BLOCK_L + k
+                p = _position(t, L, REVERSE)
+                m_d = mask_d & (t < L)
                 u = _load(u_ptr, p * s_ul + offs_d * s_ud, m_d)
                 dt, dt_raw = _load_delta(dt_ptr, p * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
-                Bt = _load(B_ptr, p * s_Bl + offs_n * s_Bn, m_n)
-            Ct = _load(C_ptr, p * s_Cl + offs_n * s_Cn, m_n)
-            dy = _load(dout_ptr, p * s_ol + offs_d * s_od, m_d)
-            if HAS_Z:
-                z = _load(z_ptr, p * s_zl + offs_d * s_zd, m_d)
-                y = tl.sum(h_cur[k] * Ct[:, None], axis=0) + Dv * u
-                sz = tl.sigmoid(z)
-                dz = dy * y * sz * (1.0 + z * (1.0 - sz))
-                tl.store(dz_ptr + p * s_dzl + offs_d * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
-                dy = dy * z * sz
-            g = Ct[:, None] * dy[None, :] + q                 # g_t = C_t*dy_t + a_{t+1}*g_{t+1}
-            if CACHE_DECAY:
-                a = decays[k]
-            else:
+                Bt = _load(B_ptr, p * s_Bl + offs_n * s_Bn, mask_n & (t < L))
+                h_prev = h_prev + (h,)
                 a = tl.exp2((dt * LOG2E)[None, :] * A)
-            q = a * g                                         # a_t*g_t, passed back to step t-1
-            ghb = q * h_prev[k]                               # g_t * a_t * h_{t-1}
-            dA_acc += ghb * dt[None, :]
-            gB = tl.sum(g * Bt[:, None], axis=0)
-            ddt = tl.sum(ghb * A, axis=0) + u * gB
-            du = dt * gB + Dv * dy
-            if HAS_D:
-                dD_acc += dy * u
-            if SOFTPLUS:
-                ddt = ddt * tl.sigmoid(dt_raw)               # softplus'(x) = sigmoid(x) (and 1 above 20)
-            ddt = tl.where(m_d, ddt, 0.0)
-            dbias_acc += ddt
-            tl.store(du_ptr + p * s_dul + offs_d * s_dud, du.to(du_ptr.dtype.element_ty), mask=m_d)
-            tl.store(ddt_ptr + p * s_dtl + offs_d * s_dtd, ddt.to(ddt_ptr.dtype.element_ty), mask=m_d)
-            # sums over this program's channels, stored in its own slot or added to the entries that the other channel
-            # blocks add into (same-address atomics from D/BLOCK_D programs)
-            dB_t = tl.sum(g * (dt * u)[None, :], axis=1)
-            dC_t = tl.sum(h_cur[k] * dy[None, :], axis=1)
-            if DBC_PARTIALS:
-                tl.store(dB_ptr + p * N + offs_n, dB_t, mask=m_n)
-                tl.store(dC_ptr + p * N + offs_n, dC_t, mask=m_n)
-            else:
-                tl.atomic_add(dB_ptr + p * N + offs_n, dB_t, mask=m_n, sem="relaxed")
-                tl.atomic_add(dC_ptr + p * N + offs_n, dC_t, mask=m_n, sem="relaxed")
+                h = a * h + Bt[:, None] * (dt * u)[None, :]
+                h_cur = h_cur + (h,)
+                if CACHE_STEP:
+                    steps = steps + ((u, dt, dt_raw, Bt),)
+                if CACHE_DECAY:
+                    decays = decays + (a,)
+            # Step back through the chunk with the adjoint state g.
+            for k in tl.static_range(BLOCK_L - 1, -1, -1):
+                t = c * BLOCK_L + k
+                p = _position(t, L, REVERSE)
+                m_d = mask_d & (t < L)
+                m_n = mask_n & (t < L)
+                if CACHE_STEP:
+                    u, dt, dt_raw, Bt = steps[k]
+                else:
+                    u = _load(u_ptr, p * s_ul + offs_d * s_ud, m_d)
+                    dt, dt_raw = _load_delta(dt_ptr, p * s_tl + offs_d * s_td, m_d, bias, SOFTPLUS)
+                    Bt = _load(B_ptr, p * s_Bl + offs_n * s_Bn, m_n)
+                Ct = _load(C_ptr, p * s_Cl + offs_n * s_Cn, m_n)
+                dy = _load(dout_ptr, p * s_ol + offs_d * s_od, m_d)
+                z = dy
+                if HAS_Z:
+                    z = _load(z_ptr, p * s_zl + offs_d * s_zd, m_d)
+                a = q
+                if CACHE_DECAY:
+                    a = decays[k]
+                q, dA_acc, dD_acc, dbias_acc = _step_back(
+                    u, dt, dt_raw, Bt, Ct, dy, z, a, h_prev[k], h_cur[k], q, dA_acc, dD_acc, dbias_acc, A, Dv, p,
+                    m_d, m_n, offs_d, offs_n, N, du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, s_dul, s_dud, s_dtl, s_dtd,
+                    s_dzl, s_dzd, HAS_D, HAS_Z, SOFTPLUS, CACHE_DECAY, DBC_PARTIALS)
 
     # per-batch partial sums, reduced over the batch by torch
     tl.store(dA_ptr + pid_b * N * Dim + offs_n[:, None] * Dim + offs_d[None, :], dA_acc, mask=mask_nd)
@@ -364,34 +449,44 @@ def _flags(D, z, delta_bias, delta_softplus, reverse):
                 SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse))
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+def _forward_launch(cfg, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    """-> (grid, arguments, compile-time constants, out) of the forward kernel's launch with launch shape cfg (the
+    registers tool, tools/scan_regs.py, compiles exactly these arguments without a GPU)."""
     Bsz, Dim, L = u.shape
     out = _empty_like_bdl(u)
     At = _channels_contiguous(A)
-    meta = _launch(_pick(FWD_CONFIG, FWD_CONFIG_NARROW, u), Dim, L, A.shape[1])
+    meta = _launch(cfg, Dim, L, A.shape[1])
     grid = (triton.cdiv(Dim, meta["BLOCK_D"]), Bsz)
     z_strides = z.stride() if z is not None else (0, 0, 0)
-    _note_launch("fwd", _fwd_kernel[grid](
-        u, delta, At, B, C, D if D is not None else u, z if z is not None else u,
-        delta_bias if delta_bias is not None else u, out,
-        Dim, L, A.shape[1], *u.stride(), *delta.stride(), *At.stride(), *B.stride(), *C.stride(), *z_strides,
-        *out.stride(), **_flags(D, z, delta_bias, delta_softplus, reverse), **meta))
+    args = (u, delta, At, B, C, D if D is not None else u, z if z is not None else u,
+            delta_bias if delta_bias is not None else u, out,
+            Dim, L, A.shape[1], *u.stride(), *delta.stride(), *At.stride(), *B.stride(), *C.stride(), *z_strides,
+            *out.stride())
+    return grid, args, dict(_flags(D, z, delta_bias, delta_softplus, reverse), **meta), out
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    grid, args, meta, out = _forward_launch(_pick(FWD_CONFIG, FWD_CONFIG_NARROW, u), u, delta, A, B, C, D, z,
+                                            delta_bias, delta_softplus, reverse)
+    _note_launch("fwd", _fwd_kernel[grid](*args, **meta))
     return out
 
 
-def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    """-> du, ddelta, dA, dB, dC, dD, dz, ddelta_bias; None for an absent input. Layouts as ``_grad_layouts``."""
+def _backward_launch(cfg, dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    """-> (grid, arguments, compile-time constants, output buffers) of the backward kernel's launch with launch
+    shape cfg (BWD_FLAGS fill in the switches it leaves out)."""
     Bsz, Dim, L = u.shape
     N = A.shape[1]
-    meta = dict(BWD_FLAGS, **_launch(_pick(BWD_CONFIG, BWD_CONFIG_NARROW, u), Dim, L, N))
+    meta = dict(BWD_FLAGS, **_launch(cfg, Dim, L, N))
+    if meta["PREFETCH"] and (meta["BLOCK_L"] != 1 or meta["SUPER"] != 1):
+        raise ValueError(f"the backward's PREFETCH needs BLOCK_L=1 and SUPER=1, got {cfg}")
     grid = (triton.cdiv(Dim, meta["BLOCK_D"]), Bsz)
     tile = meta["BLOCK_N"] * meta["BLOCK_D"]
     f32 = dict(dtype=torch.float32, device=u.device)
     At = _channels_contiguous(A)
     du, ddelta = _empty_like_bdl(u), _empty_like_bdl(delta)
     dz = _empty_like_bdl(z) if z is not None else None
-    partials = meta["DBC_PARTIALS"]
-    if partials:  # every (b, block, t, n) slot is written once
+    if meta["DBC_PARTIALS"]:  # every (b, block, t, n) slot is written once
         dB, dC = (torch.empty(Bsz, grid[0], L, N, **f32) for _ in range(2))
     else:
         dB, dC = (torch.zeros(Bsz, L, N, **f32) for _ in range(2))
@@ -402,15 +497,23 @@ def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
     slots = triton.cdiv(triton.cdiv(L, meta["BLOCK_L"]), sup) - 1 + (sup if sup > 1 else 0)  # per program
     ck = torch.empty(max(slots * grid[0] * Bsz * tile, 1), **f32)
     z_strides = z.stride() if z is not None else (0, 0, 0)
-    _note_launch("bwd", _bwd_kernel[grid](
-        u, delta, At, B, C, D if D is not None else u, z if z is not None else u,
-        delta_bias if delta_bias is not None else u, dout,
-        du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, dbias, ck,
-        Dim, L, N, *u.stride(), *delta.stride(), *At.stride(), *B.stride(), *C.stride(), *z_strides,
-        *dout.stride(), *du.stride(), *ddelta.stride(), *(dz.stride() if dz is not None else (0, 0, 0)),
-        **_flags(D, z, delta_bias, delta_softplus, reverse), **meta))
+    args = (u, delta, At, B, C, D if D is not None else u, z if z is not None else u,
+            delta_bias if delta_bias is not None else u, dout,
+            du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, dbias, ck,
+            Dim, L, N, *u.stride(), *delta.stride(), *At.stride(), *B.stride(), *C.stride(), *z_strides,
+            *dout.stride(), *du.stride(), *ddelta.stride(), *(dz.stride() if dz is not None else (0, 0, 0)))
+    meta.update(_flags(D, z, delta_bias, delta_softplus, reverse))
+    return grid, args, meta, (du, ddelta, dz, dB, dC, dA, dD, dbias)
+
+
+def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    """-> du, ddelta, dA, dB, dC, dD, dz, ddelta_bias; None for an absent input. Layouts as ``_grad_layouts``."""
+    grid, args, meta, buffers = _backward_launch(_pick(BWD_CONFIG, BWD_CONFIG_NARROW, u), dout, u, delta, A, B, C, D,
+                                                 z, delta_bias, delta_softplus, reverse)
+    _note_launch("bwd", _bwd_kernel[grid](*args, **meta))
+    du, ddelta, dz, dB, dC, dA, dD, dbias = buffers
     dA = dA.sum(0).t().contiguous().to(A.dtype)
-    if partials:
+    if meta["DBC_PARTIALS"]:
         dB, dC = dB.sum(1), dC.sum(1)
     dB = dB.transpose(1, 2).contiguous().to(B.dtype)  # (B, N, L)
     dC = dC.transpose(1, 2).contiguous().to(C.dtype)

@@ -55,15 +55,17 @@ def test_launch_shapes_are_parsed_checked_and_applied(tmp_path, monkeypatch, cap
     assert benchmark.main(["--cpu_smoke", "--json", str(out), "--launch", "BWD_CONFIG_NARROW=32,2,1,step,decay",
                            "FWD_CONFIG=64,4,2", "BWD_CONFIG=64,1,1,step,super4"]) == 0
     assert st.BWD_CONFIG_NARROW == dict(BLOCK_D=32, BLOCK_L=2, num_warps=1, CACHE_STEP=True, CACHE_DECAY=True,
-                                        DBC_PARTIALS=False, SUPER=1)
+                                        DBC_PARTIALS=False, SUPER=1, PREFETCH=False)
     assert st.BWD_CONFIG == dict(BLOCK_D=64, BLOCK_L=1, num_warps=1, CACHE_STEP=True, CACHE_DECAY=False,
-                                 DBC_PARTIALS=False, SUPER=4)
+                                 DBC_PARTIALS=False, SUPER=4, PREFETCH=False)
     assert st.FWD_CONFIG == dict(BLOCK_D=64, BLOCK_L=4, num_warps=2)
     assert json.loads(out.read_text())["meta"]["launch"]["BWD_CONFIG_NARROW"]["CACHE_STEP"] is True
+    assert benchmark.parse_launch(["BWD_CONFIG=64,1,1,prefetch"])["BWD_CONFIG"]["PREFETCH"] is True
     capsys.readouterr()
     for bad in ("BWD=32,2,1", "FWD_CONFIG=32,2", "FWD_CONFIG=32,3,1", "FWD_CONFIG=32,2,1,step", "BWD_CONFIG=a,2,1",
                 "BWD_CONFIG=32,2,1,fast", "BWD_CONFIG=32,2,1,super0", "BWD_CONFIG=32,2,1,super2,super4",
-                "FWD_CONFIG=32,2,1,super2"):
+                "FWD_CONFIG=32,2,1,super2", "BWD_CONFIG=32,2,1,prefetch", "BWD_CONFIG=32,1,1,prefetch,super2",
+                "FWD_CONFIG=32,1,1,prefetch"):
         assert benchmark.main(["--cpu_smoke", "--launch", bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and bad in err
@@ -85,3 +87,19 @@ def test_scan_regs_compiles_for_a_gpu_without_one(tmp_path, capsys):
     assert scan_regs.main(["--launch", "FWD_CONFIG=16,2,1,super2"]) == 2  # SUPER is the backward's
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "scan_regs.py: error: --launch" in err
+
+
+def test_scan_regs_compiles_the_models_launch():
+    """The compiled case is the launch the model makes: its (B, L, D) activations seen as (B, D, L) views have unit
+    channel strides, which Triton's launcher turns into constants (they decide vectorisation and register layout)."""
+    import pytest
+    pytest.importorskip("triton")
+    from tools import scan_regs
+    import models.scan_triton as st
+    for kind, kernel, cfg in (("fwd", st._fwd_kernel, st.FWD_CONFIG), ("bwd", st._bwd_kernel, st.BWD_CONFIG)):
+        grid, args, meta = scan_regs.model_case(kind, cfg)
+        strides = dict(zip(kernel.arg_names, args))
+        assert grid == (768 // cfg["BLOCK_D"], scan_regs.MODEL_CASE["batch"])
+        assert strides["s_ud"] == strides["s_td"] == strides["s_zd"] == strides["s_od"] == strides["s_Ad"] == 1
+        assert strides["s_Bn"] == strides["s_Cn"] == 1 and strides["s_ul"] == 768
+        assert meta["HAS_Z"] and meta["SOFTPLUS"] and meta["BLOCK_N"] == 16

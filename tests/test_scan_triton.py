@@ -61,8 +61,15 @@ CACHED_CONFIGS = {"cache_step": dict(CACHE_STEP=True, CACHE_DECAY=False),
                   # boundary states kept every SUPER chunks, a group's chunk starts recomputed (last group partial
                   # or of one chunk, with a partial last chunk or not)
                   "super3": dict(BLOCK_D=16, BLOCK_L=2, SUPER=3),
-                  "super4_steps1": dict(BLOCK_D=64, BLOCK_L=1, CACHE_STEP=True, SUPER=4)}
+                  "super4_steps1": dict(BLOCK_D=64, BLOCK_L=1, CACHE_STEP=True, SUPER=4),
+                  # one-step chunks with the next step's loads issued before the current step is computed
+                  "prefetch": dict(BLOCK_D=16, BLOCK_L=1, PREFETCH=True)}
 CACHED_CASES = [CASES[2], CASES[4], CASES[8]]
+EXTRA_CASES = {"prefetch": [CASES[0]]}  # L = 1: the prefetching loops' first loads are their only ones
+
+
+def variant_cases(variant):
+    return CACHED_CASES + EXTRA_CASES.get(variant, [])
 
 
 def make_inputs(case, device, dtype=torch.float32):
@@ -172,7 +179,7 @@ def _child_main(out_path):
     for variant, flags in CACHED_CONFIGS.items():
         checks += [(f"{variant}-{case['id']}",
                     lambda case=case, flags=flags: check_case(case, "cpu", torch.float32, tol=1e-4, bwd_flags=flags))
-                   for case in CACHED_CASES]
+                   for case in variant_cases(variant)]
     for name, check in checks:
         try:
             check()
@@ -209,13 +216,25 @@ def test_interpreted_model_matches_reference(check, interpreted_results):
     assert failure is None, failure
 
 
-CACHED_IDS = [f"{variant}-{case['id']}" for variant in CACHED_CONFIGS for case in CACHED_CASES]
+CACHED_IDS = [f"{variant}-{case['id']}" for variant in CACHED_CONFIGS for case in variant_cases(variant)]
 
 
 @pytest.mark.parametrize("check", CACHED_IDS)
 def test_interpreted_cached_backward_matches_reference(check, interpreted_results):
     failure = interpreted_results[check]
     assert failure is None, failure
+
+
+def test_prefetch_needs_one_step_chunks():
+    """The prefetching backward is written for one-step chunks without groups: other shapes are refused."""
+    pytest.importorskip("triton")
+    import models.scan_triton as st
+    x = make_inputs(_case(1, 8, 4, 6), "cpu")
+    for cfg in (dict(BLOCK_D=16, BLOCK_L=2, num_warps=1, PREFETCH=True),
+                dict(BLOCK_D=16, BLOCK_L=1, num_warps=1, SUPER=2, PREFETCH=True)):
+        with pytest.raises(ValueError, match="PREFETCH needs BLOCK_L=1 and SUPER=1"):
+            st._backward_launch(cfg, x["dout"], x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                x["delta_bias"], True, False)
 
 
 def test_launch_shapes_follow_the_number_of_programs(monkeypatch):

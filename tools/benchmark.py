@@ -169,6 +169,8 @@ def _sweep_shapes():
                           DBC_PARTIALS=partials)
     for block_d, block_l, group in itertools.product((32, 64), (1, 2), (2, 4, 8)):  # fewer boundary states in HBM
         yield "bwd", dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=1, CACHE_STEP=True, SUPER=group)
+    for block_d in (16, 32, 64):  # one-step chunks, the next step's loads issued before this step's work
+        yield "bwd", dict(BLOCK_D=block_d, BLOCK_L=1, num_warps=1, PREFETCH=True)
 
 
 def scan_sweep(batch_sizes, dim=768, state=16, lengths=(65,), reps=20):
@@ -194,7 +196,7 @@ def scan_sweep(batch_sizes, dim=768, state=16, lengths=(65,), reps=20):
                 print(f"  {kind} {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
             regs = st.LAST_LAUNCH.get(kind, {})
             rows.append(dict(kind=kind, batch=batch, length=length, dim=dim, **cfg, ms=ms_kind, **regs))
-            flags = " ".join([k for k in ("CACHE_STEP", "CACHE_DECAY", "DBC_PARTIALS") if cfg.get(k)] +
+            flags = " ".join([k for k in ("CACHE_STEP", "CACHE_DECAY", "DBC_PARTIALS", "PREFETCH") if cfg.get(k)] +
                              ([f"SUPER={cfg['SUPER']}"] if cfg.get("SUPER", 1) > 1 else []))
             print(f"sweep {kind} batch {batch:>5} L {length:>4} BLOCK_D {cfg['BLOCK_D']:>3} BLOCK_L "
                   f"{cfg['BLOCK_L']:>2} warps {cfg['num_warps']} {flags or '-':<35}: "
@@ -209,7 +211,7 @@ LAUNCH_NAMES = ("FWD_CONFIG", "BWD_CONFIG", "FWD_CONFIG_NARROW", "BWD_CONFIG_NAR
 
 
 def parse_launch(items):
-    """["BWD_CONFIG_NARROW=32,2,1,step,decay,super4", ...] -> {name: launch config of models/scan_triton.py}.
+    """["BWD_CONFIG_NARROW=32,2,1,step,decay,super4", "BWD_CONFIG=64,1,1,prefetch", ...] -> {name: launch config of models/scan_triton.py}.
     Raises ValueError with a one-line message."""
     configs = {}
     for item in items:
@@ -222,15 +224,18 @@ def parse_launch(items):
         except ValueError:
             block_d = None
         if name not in LAUNCH_NAMES or block_d is None or len(groups) > 1 or \
-                not flags - set(groups) <= ({"step", "decay", "partials"} if "BWD" in name else set()) \
+                not flags - set(groups) <= ({"step", "decay", "partials", "prefetch"} if "BWD" in name else set()) \
                 or (groups and "BWD" not in name) or any(v < 1 or v & (v - 1) for v in (block_d, block_l, warps)):
             raise ValueError(f"--launch {item!r}: expected NAME=BLOCK_D,BLOCK_L,WARPS (powers of two) with NAME one "
                              f"of {', '.join(LAUNCH_NAMES)}, and for a BWD_ name optionally ,step ,decay ,partials "
-                             f",superN")
+                             f",superN ,prefetch")
+        if "prefetch" in flags and (block_l != 1 or any(int(g[5:]) > 1 for g in groups)):
+            raise ValueError(f"--launch {item!r}: prefetch needs one-step chunks (BLOCK_L 1) and no superN")
         configs[name] = dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
         if "BWD" in name:
             configs[name].update(CACHE_STEP="step" in flags, CACHE_DECAY="decay" in flags,
-                                 DBC_PARTIALS="partials" in flags, SUPER=int(groups[0][5:]) if groups else 1)
+                                 DBC_PARTIALS="partials" in flags, SUPER=int(groups[0][5:]) if groups else 1,
+                                 PREFETCH="prefetch" in flags)
     return configs
 
 
@@ -256,7 +261,7 @@ def main(argv=None):
                    help="time only the selective scan (fwd+bwd, both directions, D=768) for these backends")
     p.add_argument("--scan_sweep", action="store_true",
                    help="time the Triton scan's launch shapes (forward and backward) at 65 tokens")
-    p.add_argument("--launch", nargs="+", default=[], metavar="NAME=D,L,W[,step][,decay][,partials][,superN]",
+    p.add_argument("--launch", nargs="+", default=[], metavar="NAME=D,L,W[,step][,decay][,partials][,superN][,prefetch]",
                    help="run the Triton scan with these launch shapes instead of models/scan_triton.py's, e.g. "
                         "BWD_CONFIG_NARROW=32,2,1,step,decay (a step-level A/B of --scan_sweep's findings)")
     args = p.parse_args(argv)

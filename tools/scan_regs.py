@@ -22,24 +22,54 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tools.benchmark import LAUNCH_NAMES, parse_launch  # noqa: E402
 
-FP32_ARGS = {"A_ptr", "D_ptr", "bias_ptr", "dB_ptr", "dC_ptr", "dA_ptr", "dD_ptr", "dbias_ptr", "ck_ptr"}
-MODEL_FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, BLOCK_N=16)
+# The model's case: mamba_small's inner width, 65 tokens, 16 states, dt_rank 24; bf16 activations as the mixer passes
+# them, (B, L, *) tensors seen as (B, *, L) views; fp32 A, D, delta_bias; z, softplus, forward scan. The batch size
+# changes no stride that matters here (only the batch stride, which is a multiple of 16 either way).
+MODEL_CASE = dict(batch=2, dim=768, length=65, state=16, dt_rank=24)
+
+
+def model_case(kind, config):
+    """-> (grid, arguments, constants) of the launch that models/scan_triton.py makes for the model's case with this
+    launch shape: the same code builds them, so the compiled kernel is the one a GPU would run."""
+    import torch
+    import models.scan_triton as st
+    b, d, length, n, r = (MODEL_CASE[k] for k in ("batch", "dim", "length", "state", "dt_rank"))
+    act = lambda: torch.empty(b, length, d, dtype=torch.bfloat16).transpose(1, 2)  # noqa: E731
+    x_dbl = torch.empty(b, length, r + 2 * n, dtype=torch.bfloat16)
+    B, C = x_dbl[..., r:r + n].transpose(1, 2), x_dbl[..., r + n:].transpose(1, 2)
+    u, dt, z = act(), act(), act()
+    A, D, bias = torch.empty(d, n), torch.empty(d), torch.empty(d)
+    if kind == "fwd":
+        grid, args, meta, _ = st._forward_launch(config, u, dt, A, B, C, D, z, bias, True, False)
+    else:
+        grid, args, meta, _ = st._backward_launch(config, act(), u, dt, A, B, C, D, z, bias, True, False)
+    return grid, args, meta
 
 
 def compile_kernel(kind, config, arch):
-    """-> the compiled kernel of one launch shape ("fwd" or "bwd") for sm_<arch>."""
+    """-> the compiled kernel of one launch shape ("fwd" or "bwd") for sm_<arch>, specialised as Triton's launcher
+    specialises the real call: integer arguments equal to 1 (unit strides) become constants, and pointers and
+    integers divisible by 16 are marked so (what lets loads be vectorised and decides the register layout)."""
     import triton
+    from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
     import models.scan_triton as st
     kernel = st._fwd_kernel if kind == "fwd" else st._bwd_kernel
-    consts = dict(MODEL_FLAGS, **(dict(st.BWD_FLAGS) if kind == "bwd" else {}))
-    consts.update({k: v for k, v in config.items() if k != "num_warps"})
-    names = kernel.arg_names
-    signature = {n: "constexpr" if n in consts else ("*fp32" if n in FP32_ARGS else "*bf16") if n.endswith("_ptr")
-                 else "i32" for n in names}
-    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()
-                                                                   if n in names})
+    _, args, meta = model_case(kind, config)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in meta:
+            signature[name], constexprs[(i,)] = "constexpr", meta[name]
+            continue
+        kind_, spec = native_specialize_impl(CUDABackend, args[i], False, True, True)
+        signature[name] = kind_
+        if kind_ == "constexpr":
+            constexprs[(i,)] = args[i]
+        else:
+            attrs[(i,)] = CUDABackend.parse_attr(spec)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config["num_warps"]))
 
 
@@ -61,7 +91,7 @@ def resource_usage(compiled):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability as a number: 90 (H100/H200), 80 (A100)")
-    p.add_argument("--launch", nargs="+", default=[], metavar="NAME=D,L,W[,step][,decay][,partials][,superN]",
+    p.add_argument("--launch", nargs="+", default=[], metavar="NAME=D,L,W[,step][,decay][,partials][,superN][,prefetch]",
                    help="these shapes instead of the ones in models/scan_triton.py (as in benchmark.py --launch)")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
