@@ -29,10 +29,14 @@ Backward, per program, with nothing saved by the forward but its inputs:
               dC_t     = sum_d dy_t*h_t                         dD  += sum_t dy_t*u_t
           dB and dC sum over channel blocks (fp32 atomics, or with DBC_PARTIALS one slot per block that torch sums);
           dA, dD and d(delta_bias) are per-batch partials that torch sums afterwards.
-  SUPER > 1 (a switch, untimed): pass 1 keeps the state only at the end of every group of SUPER chunks, and pass 2,
-          on reaching a group, recomputes its chunks' start states into SUPER slots of its own, read back soon after
-          (likely from cache). At one-step chunks the boundary states move about 5x the bytes of the real (bf16)
-          inputs and outputs, all through HBM; with groups SUPER times fewer go there, for one more recomputation.
+  SUPER > 1 (a switch; 6% slower in a mamba_small step at batch 512 with SUPER=2): pass 1 keeps the state only at
+          the end of every group of SUPER chunks, and pass 2, on reaching a group, recomputes its chunks' start
+          states into SUPER slots of its own, read back soon after (likely from cache). At one-step chunks the
+          boundary states move about 5x the bytes of the real (bf16) inputs and outputs, all through HBM; with
+          groups SUPER times fewer go there, for one more recomputation.
+  PREFETCH (a switch for one-step chunks, untimed): both passes issue the next step's loads (and pass 2 the next
+          start state) before working on the current step, whose loads the previous step issued, so a step does
+          not wait for memory; pass 2 also reuses the recomputed exp(delta*A) for the way back.
 
 Registers. The state tile is (N, BLOCK_D) fp32, spread over one warp's lanes and registers (see FWD_CONFIG); sums over
 n (y, ddelta, du) and over channels (dB, dC) are in-thread adds plus a few shuffles. The backward keeps the BLOCK_L+1
