@@ -181,6 +181,20 @@ def _load_raw(ptr, offs, mask):
 
 
 @triton.jit
+def _load_step_raw(u_ptr, dt_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, p, offs_d, offs_n, mask_d, mask_n, s_ul, s_ud, s_tl,
+                   s_td, s_Bl, s_Bn, s_Cl, s_Cn, s_ol, s_od, s_zl, s_zd, HAS_Z: tl.constexpr):
+    """What the way back reads of one step (memory position p), left in its stored dtypes: u, delta (before bias and
+    softplus), B, C, dout and z (dout again when there is no z)."""
+    dy = _load_raw(dout_ptr, p * s_ol + offs_d * s_od, mask_d)
+    z = dy
+    if HAS_Z:
+        z = _load_raw(z_ptr, p * s_zl + offs_d * s_zd, mask_d)
+    return (_load_raw(u_ptr, p * s_ul + offs_d * s_ud, mask_d), _load_raw(dt_ptr, p * s_tl + offs_d * s_td, mask_d),
+            _load_raw(B_ptr, p * s_Bl + offs_n * s_Bn, mask_n), _load_raw(C_ptr, p * s_Cl + offs_n * s_Cn, mask_n),
+            dy, z)
+
+
+@triton.jit
 def _advance_raw(h, A, u, dt_raw, Bt, mask_d, bias, SOFTPLUS: tl.constexpr):
     """-> (h_t, exp(delta_t*A), u_t, delta_t, delta_t + bias, B_t), fp32, from h_{t-1} and the step's raw loads."""
     u = u.to(tl.float32)
@@ -308,29 +322,18 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
     if PREFETCH:  # one-step chunks: step t-1's loads (and its start state) are issued before step t is worked on
-        p = _position(L - 1, L, REVERSE)
-        nu = _load_raw(u_ptr, p * s_ul + offs_d * s_ud, mask_d)
-        ndt = _load_raw(dt_ptr, p * s_tl + offs_d * s_td, mask_d)
-        nB = _load_raw(B_ptr, p * s_Bl + offs_n * s_Bn, mask_n)
-        nC = _load_raw(C_ptr, p * s_Cl + offs_n * s_Cn, mask_n)
-        ndy = _load_raw(dout_ptr, p * s_ol + offs_d * s_od, mask_d)
-        nz = ndy
-        if HAS_Z:
-            nz = _load_raw(z_ptr, p * s_zl + offs_d * s_zd, mask_d)
+        nu, ndt, nB, nC, ndy, nz = _load_step_raw(
+            u_ptr, dt_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, _position(L - 1, L, REVERSE), offs_d, offs_n, mask_d, mask_n,
+            s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn, s_Cl, s_Cn, s_ol, s_od, s_zl, s_zd, HAS_Z)
         nh = tl.load(ck_ptr + tl.maximum(L - 2, 0) * TILE + ck_tile, mask=mask_nd & (L > 1), other=0.0)
         for i in range(0, L):
             t = L - 1 - i
             p = _position(t, L, REVERSE)
             cu, cdt, cB, cC, cdy, cz, h = nu, ndt, nB, nC, ndy, nz, nh
             tn = tl.maximum(t - 1, 0)  # the step worked on next (after step 0: step 0 again, loaded and unused)
-            pn = _position(tn, L, REVERSE)
-            nu = _load_raw(u_ptr, pn * s_ul + offs_d * s_ud, mask_d)
-            ndt = _load_raw(dt_ptr, pn * s_tl + offs_d * s_td, mask_d)
-            nB = _load_raw(B_ptr, pn * s_Bl + offs_n * s_Bn, mask_n)
-            nC = _load_raw(C_ptr, pn * s_Cl + offs_n * s_Cn, mask_n)
-            ndy = _load_raw(dout_ptr, pn * s_ol + offs_d * s_od, mask_d)
-            if HAS_Z:
-                nz = _load_raw(z_ptr, pn * s_zl + offs_d * s_zd, mask_d)
+            nu, ndt, nB, nC, ndy, nz = _load_step_raw(
+                u_ptr, dt_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, _position(tn, L, REVERSE), offs_d, offs_n, mask_d,
+                mask_n, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn, s_Cl, s_Cn, s_ol, s_od, s_zl, s_zd, HAS_Z)
             nh = tl.load(ck_ptr + tl.maximum(tn - 1, 0) * TILE + ck_tile, mask=mask_nd & (tn > 0), other=0.0)
             h_cur, a, u, dt, dt_raw, Bt = _advance_raw(h, A, cu, cdt, cB, mask_d, bias, SOFTPLUS)
             q, dA_acc, dD_acc, dbias_acc = _step_back(
