@@ -136,8 +136,16 @@ def test_cuda_graph_steps_equal_compiled_steps(monkeypatch, amp):
     from training.engine import cuda_graph_skips
     assert cuda_graph_skips() == 0  # the second run replayed CUDA graphs rather than falling back
     assert len(set(loss_b)) == len(loss_b)  # every step saw its own batch and weights
-    # Both runs use the same generated kernels; a stale batch or weight would move the loss by far more than this.
-    tol = dict(rtol=1e-3, atol=1e-4) if amp else dict(rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(loss_b, loss_a, **tol)
+    if not amp:  # fp32: the same kernels, so the same numbers up to reassociation
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-5)
+        for n in w_a:
+            torch.testing.assert_close(w_b[n], w_a[n], rtol=1e-4, atol=1e-5, msg=n)
+        return
+    # bf16: matrix multiplies captured in a graph may take other cuBLAS kernels, and AdamW turns a tiny gradient
+    # difference near zero into a full-size step, so compare each tensor's whole update instead of its elements
+    # (a graph that missed an optimizer update or replayed a stale batch is off by about its whole update).
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-2, atol=1e-3)
+    w0 = dict(base.named_parameters())
     for n in w_a:
-        torch.testing.assert_close(w_b[n], w_a[n], msg=n, **tol)
+        update = (w_a[n] - w0[n].detach()).norm()
+        assert (w_b[n] - w_a[n]).norm() <= 0.1 * update + 1e-6, (n, (w_b[n] - w_a[n]).norm().item(), update.item())
