@@ -196,7 +196,8 @@ def _load_step_raw(u_ptr, dt_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, p, offs_d, offs
 
 @triton.jit
 def _advance_raw(h, A, u, dt_raw, Bt, mask_d, bias, SOFTPLUS: tl.constexpr):
-    """-> (h_t, exp(delta_t*A), u_t, delta_t, delta_t + bias, B_t), fp32, from h_{t-1} and the step's raw loads."""
+    """-> (h_t, exp(delta_t*A), u_t, delta_t, delta_t + bias, B_t), fp32, from h_{t-1} and the step's raw loads.
+    The same recurrence as _advance, kept apart: built on this, _advance compiles to other code for the timed shapes."""
     u = u.to(tl.float32)
     raw = dt_raw.to(tl.float32) + bias
     dt = raw

@@ -103,3 +103,8 @@ def test_scan_regs_compiles_the_models_launch():
         assert strides["s_ud"] == strides["s_td"] == strides["s_zd"] == strides["s_od"] == strides["s_Ad"] == 1
         assert strides["s_Bn"] == strides["s_Cn"] == 1 and strides["s_ul"] == 768
         assert meta["HAS_Z"] and meta["SOFTPLUS"] and meta["BLOCK_N"] == 16
+    # compiled as Triton's launcher specialises that call: unit strides are constants, aligned pointers marked
+    ttir = scan_regs.compile_kernel("fwd", st.FWD_CONFIG_NARROW, 90).asm["ttir"]
+    signature = ttir[ttir.index("tt.func public @_fwd_kernel"):].split("\n")[0]
+    assert "%s_ul:" in signature and "%s_ud:" not in signature and "%s_Ad:" not in signature
+    assert "%u_ptr: !tt.ptr<bf16> {tt.divisibility = 16" in signature

@@ -208,11 +208,12 @@ def scan_sweep(batch_sizes, dim=768, state=16, lengths=(65,), reps=20):
 
 
 LAUNCH_NAMES = ("FWD_CONFIG", "BWD_CONFIG", "FWD_CONFIG_NARROW", "BWD_CONFIG_NARROW")
+LAUNCH_METAVAR = "NAME=D,L,W[,step][,decay][,partials][,superN][,prefetch]"
 
 
 def parse_launch(items):
-    """["BWD_CONFIG_NARROW=32,2,1,step,decay,super4", "BWD_CONFIG=64,1,1,prefetch", ...] -> {name: launch config of models/scan_triton.py}.
-    Raises ValueError with a one-line message."""
+    """["BWD_CONFIG_NARROW=32,2,1,step,decay,super4", "BWD_CONFIG=64,1,1,prefetch", ...]
+    -> {name: launch config of models/scan_triton.py}. Raises ValueError with a one-line message."""
     configs = {}
     for item in items:
         name, _, spec = item.partition("=")
@@ -261,7 +262,7 @@ def main(argv=None):
                    help="time only the selective scan (fwd+bwd, both directions, D=768) for these backends")
     p.add_argument("--scan_sweep", action="store_true",
                    help="time the Triton scan's launch shapes (forward and backward) at 65 tokens")
-    p.add_argument("--launch", nargs="+", default=[], metavar="NAME=D,L,W[,step][,decay][,partials][,superN][,prefetch]",
+    p.add_argument("--launch", nargs="+", default=[], metavar=LAUNCH_METAVAR,
                    help="run the Triton scan with these launch shapes instead of models/scan_triton.py's, e.g. "
                         "BWD_CONFIG_NARROW=32,2,1,step,decay (a step-level A/B of --scan_sweep's findings)")
     args = p.parse_args(argv)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Registers and spills of the Triton scan kernels, compiled for a GPU architecture on any machine (no GPU needed).
 
-The backward kernel runs out of registers at its wider launch shapes, and what spills is what makes one shape
-slower than another; this shows it without a GPU, before a GPU session times the shapes (benchmark.py --scan_sweep).
+The backward kernel can run out of registers at its wider launch shapes, and spills slow a shape down; this shows
+registers and spills without a GPU, before a GPU session times the shapes (benchmark.py --scan_sweep).
 
     python tools/scan_regs.py                                   # the launch shapes in use, for sm_90 (H100, H200)
     python tools/scan_regs.py --launch BWD_CONFIG_NARROW=32,4,1,super2 BWD_CONFIG=64,1,1,step --arch 80
@@ -20,7 +20,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.benchmark import LAUNCH_NAMES, parse_launch  # noqa: E402
+from tools.benchmark import LAUNCH_METAVAR, LAUNCH_NAMES, parse_launch  # noqa: E402
 
 # The model's case: mamba_small's inner width, 65 tokens, 16 states, dt_rank 24; bf16 activations as the mixer passes
 # them, (B, L, *) tensors seen as (B, *, L) views; fp32 A, D, delta_bias; z, softplus, forward scan. The batch size
@@ -91,7 +91,7 @@ def resource_usage(compiled):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability as a number: 90 (H100/H200), 80 (A100)")
-    p.add_argument("--launch", nargs="+", default=[], metavar="NAME=D,L,W[,step][,decay][,partials][,superN][,prefetch]",
+    p.add_argument("--launch", nargs="+", default=[], metavar=LAUNCH_METAVAR,
                    help="these shapes instead of the ones in models/scan_triton.py (as in benchmark.py --launch)")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
