@@ -108,17 +108,16 @@ def test_cuda_graph_steps_equal_compiled_steps(monkeypatch, amp):
     without CUDA graphs, in bf16 autocast (as training runs on a GPU) and in fp32: equal losses and weights, so
     replayed graphs read each new batch and the optimizer's in-place updates (no stale inputs or outputs)."""
     import copy
-    # Compile in this process. On an H200 with torch 2.11 the fp32 case (then the only one) twice waited over 9
-    # minutes for a kernel from inductor's pool of compile subprocesses, and once, compiling in-process beside a
-    # training run, was still in ptxas after 5 minutes; the bf16 case is the configuration training uses.
-    import torch._inductor.config
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
+    from models.scan import resolve_scan
     from torch._dynamo.utils import counters
     monkeypatch.setitem(counters, "inductor", type(counters["inductor"])())  # count this test's skips only
     from training.optim import build_optimizer
     from training.step import TrainStep
     torch.manual_seed(0)
     base = build_model("mamba_tiny", 10, depth=2, drop_path=0.0).cuda()
+    # the scan kernel training uses: compiled, the reference scan's 64-step loop becomes one huge fused kernel that
+    # took ptxas over 5 minutes on an H200
+    base.set_kernels(resolve_scan("auto", torch.device("cuda")))
     g = torch.Generator(device="cpu").manual_seed(1)
     batches = [(torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8).cuda(),
                 torch.randint(0, 10, (64,), generator=g).cuda()) for _ in range(3)]
