@@ -53,9 +53,9 @@ INTERPRETER_CONFIG = dict(FWD_CONFIG=dict(BLOCK_D=16, BLOCK_L=4, num_warps=1),
 # The backward's variants (kept loads, kept exp(delta*A) tiles, the large-batch shape's one-step chunks, dB and dC
 # stored per channel block instead of added atomically), each on cases with a partial chunk, a
 # reverse scan and a missing z.
-CACHED_CONFIGS = {"cache_step": dict(CACHE_STEP=True, CACHE_DECAY=False),
-                  "cache_decay": dict(CACHE_STEP=False, CACHE_DECAY=True),
-                  "cache_both": dict(CACHE_STEP=True, CACHE_DECAY=True),
+CACHED_CONFIGS = {"cache_step": dict(BLOCK_L=4, CACHE_STEP=True, CACHE_DECAY=False),  # chunks of several steps
+                  "cache_decay": dict(BLOCK_L=4, CACHE_STEP=False, CACHE_DECAY=True),
+                  "cache_both": dict(BLOCK_L=4, CACHE_STEP=True, CACHE_DECAY=True),
                   "wide_steps1": dict(BLOCK_D=64, BLOCK_L=1, CACHE_STEP=True, CACHE_DECAY=False),  # BWD_CONFIG's form
                   "partials": dict(BLOCK_D=16, BLOCK_L=2, CACHE_STEP=True, DBC_PARTIALS=True),  # dB, dC per block
                   # boundary states kept every SUPER chunks, a group's chunk starts recomputed (last group partial
@@ -125,13 +125,16 @@ def compare(got, want):
 
 
 def check_case(case, device, dtype, tol, bwd_flags=None):
-    """bwd_flags: the backward's caching flags to use instead of the configured ones (every launch shape)."""
+    """bwd_flags: the backward's launch shape and switches to use instead of the configured ones (every launch shape;
+    the configured switches are dropped, so a variant is tested as written whatever the defaults are)."""
     import models.scan_triton as st
     inputs = make_inputs(case, device, dtype)
     saved = {k: getattr(st, k) for k in ("BWD_CONFIG", "BWD_CONFIG_NARROW")}
     try:
         for name, cfg in saved.items():
-            setattr(st, name, dict(cfg, **(bwd_flags or {})))
+            if bwd_flags is not None:
+                cfg = dict({k: v for k, v in cfg.items() if k not in st.BWD_FLAGS}, **bwd_flags)
+            setattr(st, name, cfg)
         got = run_scan(st.selective_scan_triton, inputs, case["softplus"], case["reverse"])
     finally:
         for name, cfg in saved.items():
