@@ -108,3 +108,21 @@ def test_scan_regs_compiles_the_models_launch():
     signature = ttir[ttir.index("tt.func public @_fwd_kernel"):].split("\n")[0]
     assert "%s_ul:" in signature and "%s_ud:" not in signature and "%s_Ad:" not in signature
     assert "%u_ptr: !tt.ptr<bf16> {tt.divisibility = 16" in signature
+
+
+def test_stem_only_times_both_tokenizers(tmp_path, capsys):
+    out = tmp_path / "stem.json"
+    assert benchmark.main(["--stem_only", "--cpu_smoke", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["stem_rows"]
+    assert {(r["stem"], r["channels_last"]) for r in rows} == {(s, c) for s in ("patch", "conv") for c in (False, True)}
+    assert all(r["ms"] > 0 and not r["compiled"] for r in rows)
+    assert "conv  channels_last" in capsys.readouterr().out
+
+
+def test_stem_only_needs_a_gpu_without_cpu_smoke(capsys):
+    import pytest
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert benchmark.main(["--stem_only"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err

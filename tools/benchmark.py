@@ -7,6 +7,7 @@ steps only. Prints a table and writes JSON.
 
     python tools/benchmark.py --archs mamba_tiny mamba_small --batch_sizes 128 1024 --json bench.json
     python tools/benchmark.py --cpu_smoke        # a tiny CPU run, so that the tool cannot rot
+    python tools/benchmark.py --stem_only --archs mamba_small --batch_sizes 512   # the tokenizer alone
 """
 import argparse
 import json
@@ -137,6 +138,46 @@ def _time_scan(fn, inputs, reps):
     return ms_fwd, _cuda_ms(fwd_bwd, reps)
 
 
+def stem_bench(archs, batch_sizes, device, reps=50, warmup=10, compile_too=True):
+    """The tokenizer alone, forward and backward (bf16 autocast on CUDA): Vim's patch embedding against the conv stem,
+    NCHW against channels-last, eager and compiled -> rows with milliseconds per batch. What the stem costs in a
+    step, without the 24 layers around it."""
+    cuda = device.type == "cuda"
+    timer = _cuda_ms if cuda else _cpu_ms
+    rows = []
+    for arch in archs:
+        for batch in batch_sizes:
+            for stem in ("patch", "conv"):
+                for channels_last in (False, True):
+                    for compiled in (False, True) if compile_too else (False,):
+                        torch._dynamo.reset()
+                        fmt = torch.channels_last if channels_last else torch.contiguous_format
+                        embed = build_model(arch, 10, stem=stem).patch_embed.to(device, memory_format=fmt)
+                        fn = torch.compile(embed) if compiled else embed
+                        x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+
+                        def fwd_bwd():
+                            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                                y = fn(x)
+                            y.float().square().mean().backward()
+
+                        ms = timer(fwd_bwd, reps, warmup)
+                        rows.append(dict(arch=arch, batch_size=batch, stem=stem, channels_last=channels_last,
+                                         compiled=compiled, ms=round(ms, 3)))
+                        print(f"{arch:<12} {batch:>5} {stem:<5} {'channels_last' if channels_last else 'NCHW':<13} "
+                              f"{'compiled' if compiled else 'eager':<8} {ms:8.3f} ms", flush=True)
+    return rows
+
+
+def _cpu_ms(fn, reps, warmup=3):
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1000
+
+
 def scan_bench(backends, batch_sizes, dim=768, state=16, lengths=(65, 257), reps=20):
     """The selective scan alone, both directions, bf16 inputs like training's.
     -> rows of dict(backend, batch, length, dim, fwd_ms, ms) where ms is forward+backward."""
@@ -260,6 +301,9 @@ def main(argv=None):
     p.add_argument("--cpu_smoke", action="store_true", help="tiny shapes on the CPU (CI)")
     p.add_argument("--scan_only", nargs="*", default=None, metavar="BACKEND",
                    help="time only the selective scan (fwd+bwd, both directions, D=768) for these backends")
+    p.add_argument("--stem_only", action="store_true",
+                   help="time only the tokenizer (patch and conv stem, NCHW and channels-last, eager and compiled; "
+                        "forward+backward) at --archs' width and --batch_sizes")
     p.add_argument("--scan_sweep", action="store_true",
                    help="time the Triton scan's launch shapes (forward and backward) at 65 tokens")
     p.add_argument("--launch", nargs="+", default=[], metavar=LAUNCH_METAVAR,
@@ -287,6 +331,19 @@ def main(argv=None):
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": {"device": torch.cuda.get_device_name()}, "scan_rows": rows}, f, indent=1)
+        return 0
+    if args.stem_only:
+        if not (args.cpu_smoke or torch.cuda.is_available()):
+            print("benchmark.py: error: no CUDA GPU; use --cpu_smoke for the CPU check", file=sys.stderr)
+            return 2
+        device = torch.device("cpu" if args.cpu_smoke else "cuda")
+        rows = stem_bench(["mamba_tiny"] if args.cpu_smoke else args.archs, [4] if args.cpu_smoke else
+                          args.batch_sizes, device, *((1, 1, False) if args.cpu_smoke else ()))
+        if args.json:
+            meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                        torch=torch.__version__, cudnn_benchmark=torch.backends.cudnn.benchmark)
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "stem_rows": rows}, f, indent=1)
         return 0
     if args.cpu_smoke:
         device = torch.device("cpu")
