@@ -70,7 +70,7 @@ import triton.language as tl
 FWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=4, num_warps=1)
 BWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=1, num_warps=1, CACHE_STEP=True)
 FWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=8, num_warps=1)
-BWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=4, num_warps=1)
+BWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=1, num_warps=1, PREFETCH=True)
 BWD_FLAGS = dict(CACHE_STEP=False, CACHE_DECAY=False, DBC_PARTIALS=False, SUPER=1, PREFETCH=False)  # when left out
 WIDE_MIN_PROGRAMS_PER_SM = 48
 LAST_LAUNCH = {}  # "fwd" / "bwd" -> registers per thread and spills of the last compiled launch
