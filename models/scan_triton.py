@@ -34,9 +34,10 @@ Backward, per program, with nothing saved by the forward but its inputs:
           states into SUPER slots of its own, read back soon after (likely from cache). At one-step chunks the
           boundary states move about 5x the bytes of the real (bf16) inputs and outputs, all through HBM; with
           groups SUPER times fewer go there, for one more recomputation.
-  PREFETCH (a switch for one-step chunks, untimed): both passes issue the next step's loads (and pass 2 the next
+  PREFETCH (a switch for one-step chunks; the narrow shape): both passes issue the next step's loads (and pass 2 the next
           start state) before working on the current step, whose loads the previous step issued, so a step does
-          not wait for memory; pass 2 also reuses the recomputed exp(delta*A) for the way back.
+          not wait for memory; pass 2 also reuses the recomputed exp(delta*A) for the way back. It keeps a step's
+          loads and its exp(delta*A) by construction, so CACHE_STEP and CACHE_DECAY change nothing beside it.
 
 Registers. The state tile is (N, BLOCK_D) fp32, spread over one warp's lanes and registers (see FWD_CONFIG); sums over
 n (y, ddelta, du) and over channels (dB, dC) are in-thread adds plus a few shuffles. The backward keeps the BLOCK_L+1
@@ -66,7 +67,9 @@ import triton.language as tl
 # takes the *_NARROW shapes (batch 512 and below for D=768 on 132 SMs). At batch 128 the sweep found the backward at
 # (32, 2, 1) with both caches 1.76 ms against 1.87 for the narrow shape below, and the forward at (32, 4, 1) 0.23 ms
 # against 0.27; but a mamba_small training step at batch 512 (compiled) with those two ran at 3,259 images/s against
-# 3,585 with the shapes below (measured in another session), so the narrow shapes stay until a step-level A/B decides.
+# 3,585 with the shapes then in use (measured in another session). A step-level A/B in one session (eager, batch 512,
+# conv stem) then gave 2,068 images/s with the narrow backward at (32, 4, 1), 2,283 at (32, 1, 1) and 2,305 at
+# (32, 1, 1) with PREFETCH (1,947 at 16 channels with PREFETCH): the narrow backward below.
 FWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=4, num_warps=1)
 BWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=1, num_warps=1, CACHE_STEP=True)
 FWD_CONFIG_NARROW = dict(BLOCK_D=32, BLOCK_L=8, num_warps=1)
