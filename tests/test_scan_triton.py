@@ -63,7 +63,8 @@ CACHED_CONFIGS = {"cache_step": dict(BLOCK_L=4, CACHE_STEP=True, CACHE_DECAY=Fal
                   "super3": dict(BLOCK_D=16, BLOCK_L=2, SUPER=3),
                   "super4_steps1": dict(BLOCK_D=64, BLOCK_L=1, CACHE_STEP=True, SUPER=4),
                   # one-step chunks with the next step's loads issued before the current step is computed
-                  "prefetch": dict(BLOCK_D=16, BLOCK_L=1, PREFETCH=True)}
+                  "prefetch": dict(BLOCK_D=16, BLOCK_L=1, PREFETCH=True),
+                  "prefetch32": dict(BLOCK_D=32, BLOCK_L=1, PREFETCH=True)}  # the narrow shape in use
 CACHED_CASES = [CASES[2], CASES[4], CASES[8]]
 EXTRA_CASES = {"prefetch": [CASES[0]]}  # L = 1: the prefetching loops' first loads are their only ones
 
