@@ -110,9 +110,15 @@ def _scan_inputs(batch, length, dim, state):
     return u, dt, A, B, C, D, z, bias
 
 
-def _cuda_ms(fn, reps, warmup=3):
+def _cuda_ms(fn, reps, warmup=3, cuda=True):
+    """Milliseconds per call of fn: CUDA events around the timed calls, or the wall clock with cuda=False (CPU)."""
     for _ in range(warmup):
         fn()
+    if not cuda:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps * 1000
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -143,7 +149,6 @@ def stem_bench(archs, batch_sizes, device, reps=50, warmup=10, compile_too=True)
     NCHW against channels-last, eager and compiled -> rows with milliseconds per batch. What the stem costs in a
     step, without the 24 layers around it."""
     cuda = device.type == "cuda"
-    timer = _cuda_ms if cuda else _cpu_ms
     rows = []
     for arch in archs:
         for batch in batch_sizes:
@@ -161,21 +166,12 @@ def stem_bench(archs, batch_sizes, device, reps=50, warmup=10, compile_too=True)
                                 y = fn(x)
                             y.float().square().mean().backward()
 
-                        ms = timer(fwd_bwd, reps, warmup)
+                        ms = _cuda_ms(fwd_bwd, reps, warmup, cuda)
                         rows.append(dict(arch=arch, batch_size=batch, stem=stem, channels_last=channels_last,
                                          compiled=compiled, ms=round(ms, 3)))
                         print(f"{arch:<12} {batch:>5} {stem:<5} {'channels_last' if channels_last else 'NCHW':<13} "
                               f"{'compiled' if compiled else 'eager':<8} {ms:8.3f} ms", flush=True)
     return rows
-
-
-def _cpu_ms(fn, reps, warmup=3):
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps * 1000
 
 
 def scan_bench(backends, batch_sizes, dim=768, state=16, lengths=(65, 257), reps=20):
@@ -332,11 +328,11 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump({"meta": {"device": torch.cuda.get_device_name()}, "scan_rows": rows}, f, indent=1)
         return 0
+    if not (args.cpu_smoke or torch.cuda.is_available()):
+        print("benchmark.py: error: no CUDA GPU; use --cpu_smoke for the CPU check", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
     if args.stem_only:
-        if not (args.cpu_smoke or torch.cuda.is_available()):
-            print("benchmark.py: error: no CUDA GPU; use --cpu_smoke for the CPU check", file=sys.stderr)
-            return 2
-        device = torch.device("cpu" if args.cpu_smoke else "cuda")
         if args.cpu_smoke:  # one pass of each eager tokenizer on a tiny batch
             rows = stem_bench(["mamba_tiny"], [4], device, reps=1, warmup=1, compile_too=False)
         else:
@@ -348,15 +344,10 @@ def main(argv=None):
                 json.dump({"meta": meta, "stem_rows": rows}, f, indent=1)
         return 0
     if args.cpu_smoke:
-        device = torch.device("cpu")
         shapes = [("mamba_tiny", 16, 2)]
         args.batch_sizes, args.patch_sizes, args.steps, args.warmup, args.no_vit = [8], [8], 2, 1, True
         args.scan = "ref"
     else:
-        if not torch.cuda.is_available():
-            print("benchmark.py: error: no CUDA GPU; use --cpu_smoke for the CPU check", file=sys.stderr)
-            return 2
-        device = torch.device("cuda")
         shapes = [(a, vim_config(a).embed_dim, args.depth or vim_config(a).depth) for a in args.archs]
     rows = []
     header = f"{'model':<6} {'arch':<12} {'width':>5} {'depth':>5} {'tokens':>6} {'batch':>5} {'scan':<7} " \
