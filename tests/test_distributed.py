@@ -121,3 +121,27 @@ def test_mid_epoch_checkpoint_refuses_another_process_count(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train_mamba_baseline.py"), *args, "--resume", "auto"],
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 2 and "saved mid-epoch by 2 process(es)" in r.stderr
+
+
+@pytest.mark.slow
+def test_epoch_boundary_checkpoint_moves_to_more_processes_at_the_same_global_batch(tmp_path):
+    """A 1-process run's epoch-1 checkpoint, resumed over 2 processes at half the per-process batch: same global
+    batch, so the log says so and warns of no recipe change; at another global batch it warns, naming it."""
+    data = make_cifar(str(tmp_path / "data"), n_train=80, n_test=16)
+    one = tmp_path / "one"
+    one.mkdir()
+    run_procs(one, 1, tiny_args(one, data, *DETERMINISTIC, "--batch_size", "8", "--save_freq", "1"))
+    for name, batch in (("same", "4"), ("other", "8")):
+        two = tmp_path / name
+        (two / "ckpt").mkdir(parents=True)
+        (two / "ckpt" / "mamba_tiny_cifar10_last.pth").write_bytes(
+            (one / "ckpt" / "mamba_tiny_cifar10_epoch1.pth").read_bytes())
+        out = run_procs(two, 2, tiny_args(two, data, *DETERMINISTIC, "--batch_size", batch, "--resume", "auto"))
+        log = next(open(line[4:]).read() for line in out.splitlines() if line.startswith("LOG /"))
+        assert "epoch 1, step 0" in log and torch.load(two / "ckpt" / "mamba_tiny_cifar10_last.pth",
+                                                          weights_only=True)["world_size"] == 2
+        if name == "same":
+            assert "resuming over 2 process(es); the checkpoint's run had 1: the same global batch 8" in log
+            assert "differ from the checkpoint's" not in log
+        else:
+            assert "differ from the checkpoint's: processes 1 -> 2; global batch 8 -> 16" in log

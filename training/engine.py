@@ -315,6 +315,20 @@ class Run:
             (("model_ema_decay",) if has_ema and self.cfg.model_ema else ())
         changed = [f"{k} {saved.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in recipe
                    if k in saved and saved[k] != getattr(self.cfg, k)]
+        # what the recipe means is the global batch: a run moved to more processes (or from accumulation to
+        # processes) at the same global batch keeps its recipe
+        saved_world = self.ckpt.get("world_size") or len(self.ckpt.get("per_rank") or [None])
+        saved_global = saved.get("batch_size", 0) * saved.get("accum_steps", 1) * saved_world
+        here_global = self.cfg.batch_size * self.cfg.accum_steps * self.world
+        if saved_global == here_global:
+            changed = [c for c in changed if not c.startswith(("batch_size ", "accum_steps "))]
+            if saved_world != self.world:
+                self.log.info(f"resuming over {self.world} process(es); the checkpoint's run had {saved_world}: "
+                              f"the same global batch {here_global}")
+        elif saved_world != self.world:
+            changed.append(f"processes {saved_world} -> {self.world}")
+        if saved_global != here_global and saved_global:
+            changed.append(f"global batch {saved_global} -> {here_global}")
         if changed:
             self.log.info("warning: resuming with settings that differ from the checkpoint's: " + "; ".join(changed))
         if self.cfg.model_ema and not has_ema:
@@ -330,7 +344,8 @@ class Run:
                 "model_ema": self.ema.module.state_dict() if self.ema is not None else None,  # --model_ema
                 "optimizer": self.optimizer.state_dict(), "position": vars(self.pos).copy(),
                 "rng": rng_state(), "scaler": None,  # bf16 autocast needs no loss scaling
-                "config": {k: v for k, v in vars(self.cfg).items()}, "log_path": self.log.log_path}
+                "config": {k: v for k, v in vars(self.cfg).items()}, "world_size": self.world,
+                "log_path": self.log.log_path}
 
     def save(self, *kinds):
         """Rank 0 writes. Under DDP every rank calls this at the same step: each rank's RNG state and epoch sums
