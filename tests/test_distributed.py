@@ -138,8 +138,8 @@ def test_epoch_boundary_checkpoint_moves_to_more_processes_at_the_same_global_ba
             (one / "ckpt" / "mamba_tiny_cifar10_epoch1.pth").read_bytes())
         out = run_procs(two, 2, tiny_args(two, data, *DETERMINISTIC, "--batch_size", batch, "--resume", "auto"))
         log = next(open(line[4:]).read() for line in out.splitlines() if line.startswith("LOG /"))
-        assert "epoch 1, step 0" in log and torch.load(two / "ckpt" / "mamba_tiny_cifar10_last.pth",
-                                                          weights_only=True)["world_size"] == 2
+        saved = torch.load(two / "ckpt" / "mamba_tiny_cifar10_last.pth", weights_only=True)
+        assert "epoch 1, step 0" in log and len(saved["per_rank"]) == 2
         if name == "same":
             assert "resuming over 2 process(es); the checkpoint's run had 1: the same global batch 8" in log
             assert "differ from the checkpoint's" not in log

@@ -219,13 +219,13 @@ class Run:
                 self.model.load_state_dict(self.ckpt["model"])
                 self.optimizer.load_state_dict(self.ckpt["optimizer"])
                 self.pos = Position(**self.ckpt["position"])
-                saved_world = len(self.ckpt.get("per_rank") or [None])
+                self.saved_world = len(self.ckpt.get("per_rank") or [None])  # None in a 1-process checkpoint
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 why = " ".join(str(e).split())[:300] or type(e).__name__
                 raise CheckpointError(f"{resume_path} does not fit this model or optimizer ({why})") from None
-            if self.pos.step_in_epoch and saved_world != self.world:
-                raise CheckpointError(f"{resume_path} was saved mid-epoch by {saved_world} process(es); resume it "
-                                      f"with {saved_world}, or from an epoch-boundary checkpoint")
+            if self.pos.step_in_epoch and self.saved_world != self.world:
+                raise CheckpointError(f"{resume_path} was saved mid-epoch by {self.saved_world} process(es); resume "
+                                      f"it with {self.saved_world}, or from an epoch-boundary checkpoint")
         elif cfg.pretrained:  # a resumed run has its weights already: the pretrained ones only seed a new run
             self.pretrained_info = []  # its two summary lines, logged once the log is open
             load_pretrained(self.model, cfg.pretrained, log=self.pretrained_info.append)
@@ -317,17 +317,16 @@ class Run:
                    if k in saved and saved[k] != getattr(self.cfg, k)]
         # what the recipe means is the global batch: a run moved to more processes (or from accumulation to
         # processes) at the same global batch keeps its recipe
-        saved_world = self.ckpt.get("world_size") or len(self.ckpt.get("per_rank") or [None])
-        saved_global = saved.get("batch_size", 0) * saved.get("accum_steps", 1) * saved_world
+        saved_global = saved["batch_size"] * saved.get("accum_steps", 1) * self.saved_world
         here_global = self.cfg.batch_size * self.cfg.accum_steps * self.world
         if saved_global == here_global:
             changed = [c for c in changed if not c.startswith(("batch_size ", "accum_steps "))]
-            if saved_world != self.world:
-                self.log.info(f"resuming over {self.world} process(es); the checkpoint's run had {saved_world}: "
-                              f"the same global batch {here_global}")
-        elif saved_world != self.world:
-            changed.append(f"processes {saved_world} -> {self.world}")
-        if saved_global != here_global and saved_global:
+            if self.saved_world != self.world:
+                self.log.info(f"resuming over {self.world} process(es); the checkpoint's run had "
+                              f"{self.saved_world}: the same global batch {here_global}")
+        else:
+            if self.saved_world != self.world:
+                changed.append(f"processes {self.saved_world} -> {self.world}")
             changed.append(f"global batch {saved_global} -> {here_global}")
         if changed:
             self.log.info("warning: resuming with settings that differ from the checkpoint's: " + "; ".join(changed))
@@ -344,8 +343,7 @@ class Run:
                 "model_ema": self.ema.module.state_dict() if self.ema is not None else None,  # --model_ema
                 "optimizer": self.optimizer.state_dict(), "position": vars(self.pos).copy(),
                 "rng": rng_state(), "scaler": None,  # bf16 autocast needs no loss scaling
-                "config": {k: v for k, v in vars(self.cfg).items()}, "world_size": self.world,
-                "log_path": self.log.log_path}
+                "config": {k: v for k, v in vars(self.cfg).items()}, "log_path": self.log.log_path}
 
     def save(self, *kinds):
         """Rank 0 writes. Under DDP every rank calls this at the same step: each rank's RNG state and epoch sums
