@@ -34,12 +34,10 @@ class VimConfig:
     expand: int = 2
     drop_path: float = 0.1
     norm_eps: float = 1e-5
-    stem: str = "patch"  # "patch": Vim's patch embedding; "conv": ConvStem (then patch_size is unused)
+    stem: str = "patch"  # "patch": Vim's patch embedding; "conv": ConvStem, whose stride is then patch_size (2 or 4)
 
     @property
     def num_patches(self):
-        if self.stem == "conv":
-            return (self.img_size // ConvStem.STRIDE) ** 2
         return (self.img_size // self.patch_size) ** 2
 
 
@@ -64,20 +62,25 @@ class PatchEmbed(nn.Module):
 
 class ConvStem(nn.Module):
     """A convolutional tokenizer in the manner of Compact Convolutional Transformers (CCT-x/3x2): two stages of
-    (3x3 conv, ReLU, 3x3 max-pool with stride 2), so each token sees a 10x10-pixel field and the 32x32 image gives
-    the same 8x8 = 64 tokens as patch 4. An option (``--stem conv``) for CIFAR; official checkpoints use patches."""
-    STRIDE = 4
+    (3x3 conv, ReLU, 3x3 max-pool with stride 2), so each token sees a 13x13-pixel field and the 32x32 image gives
+    the same 8x8 = 64 tokens as patch 4. With stride 2 the second stage has no pool: the same two convolutions and
+    parameters, a 9x9-pixel field, and 16x16 = 256 tokens, as patch 2. An option (``--stem conv``) for CIFAR;
+    official checkpoints use patches."""
+    STRIDES = (2, 4)
 
-    def __init__(self, img_size, in_chans, embed_dim, hidden=64):
+    def __init__(self, img_size, in_chans, embed_dim, stride=4, hidden=64):
         super().__init__()
-        if img_size % self.STRIDE:
-            raise ValueError(f"the conv stem needs an image size divisible by {self.STRIDE}, got {img_size}")
-        self.proj = nn.Sequential(
+        if stride not in self.STRIDES:
+            raise ValueError(f"the conv stem's stride is 2 or 4, got {stride}")
+        if img_size % stride:
+            raise ValueError(f"the conv stem needs an image size divisible by {stride}, got {img_size}")
+        last_pool = [nn.MaxPool2d(3, stride=2, padding=1)] if stride == 4 else []
+        self.proj = nn.Sequential(  # the convolutions stay at indices 0 and 3 for either stride
             nn.Conv2d(in_chans, hidden, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1),
-            nn.Conv2d(hidden, embed_dim, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+            nn.Conv2d(hidden, embed_dim, 3, padding=1, bias=False), nn.ReLU(), *last_pool)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W/16, D)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W/stride^2, D)
 
 
 class Block(nn.Module):
@@ -102,7 +105,7 @@ class VisionMamba(nn.Module):
         if cfg.stem not in ("patch", "conv"):
             raise ValueError(f"unknown stem {cfg.stem!r}; choose patch or conv")
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim) \
-            if cfg.stem == "patch" else ConvStem(cfg.img_size, cfg.in_chans, cfg.embed_dim)
+            if cfg.stem == "patch" else ConvStem(cfg.img_size, cfg.in_chans, cfg.embed_dim, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.embed_dim))
         rates = [r.item() for r in torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu")]

@@ -43,6 +43,15 @@ def test_cpu_smoke_with_the_conv_stem(tmp_path):
     assert benchmark.main(["--cpu_smoke", "--stem", "conv", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["stem"] == "conv" and row["tokens"] == 65 and row["images_per_s"] > 0
+    assert benchmark.main(["--cpu_smoke", "--stem", "conv", "--patch_sizes", "2", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["patch_size"], row["tokens"]) == (2, 257) and row["images_per_s"] > 0
+
+
+def test_conv_stem_refuses_other_strides(capsys):
+    assert benchmark.main(["--cpu_smoke", "--stem", "conv", "--patch_sizes", "4", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--stem conv takes --patch_sizes 2 or 4" in err
 
 
 def test_launch_shapes_are_parsed_checked_and_applied(tmp_path, monkeypatch, capsys):

@@ -416,7 +416,7 @@ def test_conv_stem_runs_and_a_checkpoint_keeps_its_stem(tmp_path, cifar10_dir, c
 
     assert train_mamba_baseline.main(args("conv", "--stem", "conv")) == 0
     conv = Run(tmp_path / "conv", [])
-    assert "65 tokens (conv stem)" in conv.log()
+    assert "65 tokens (conv stem, stride 4)" in conv.log()
     ck = conv.ckpt()
     assert ck["config"]["stem"] == "conv" and "patch_embed.proj.3.weight" in ck["model"]
 
@@ -440,3 +440,27 @@ def test_conv_stem_runs_and_a_checkpoint_keeps_its_stem(tmp_path, cifar10_dir, c
     torch.save(ck, old)
     assert train_mamba_baseline.main(args("resumed", "--resume", str(old))) == 0
     assert Run(tmp_path / "resumed", []).ckpt()["position"]["epoch"] == 2
+
+
+def test_conv_stem_stride_2_runs_and_resumes_only_as_made(tmp_path, cifar10_dir, capsys):
+    """--stem conv --patch_size 2: 256 tokens + the class token, logged and saved; resuming it without --patch_size 2
+    (so asking for the stride-4 stem) is refused in one line naming the patch size; with it, the run goes on."""
+    def args(epochs, patch, *extra):
+        argv = tiny_args(tmp_path / "c2", cifar10_dir, *PLAIN, "--epochs", epochs, "--warmup_epochs", "0",
+                         "--train_subset", "8", "--test_subset", "8", "--stem", "conv", *extra)
+        i = argv.index("--patch_size")
+        return argv[:i] + (["--patch_size", patch] if patch else []) + argv[i + 2:]
+
+    assert train_mamba_baseline.main(args("1", "2")) == 0
+    run = Run(tmp_path / "c2", [])
+    assert "257 tokens (conv stem, stride 2)" in run.log()
+    ck = run.ckpt()
+    assert (ck["config"]["stem"], ck["config"]["patch_size"]) == ("conv", 2)
+    assert ck["model"]["pos_embed"].shape[1] == 257
+
+    capsys.readouterr()
+    assert train_mamba_baseline.main(args("2", None, "--resume", "auto")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "patch_size 2 (this run: 4)" in err
+    assert train_mamba_baseline.main(args("2", "2", "--resume", "auto")) == 0
+    assert run.ckpt()["position"]["epoch"] == 2

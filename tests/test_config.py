@@ -56,7 +56,8 @@ EVERY_FLAG = {
 }
 # --pretrained is parsed here; its effect (and its refusals) are tested in test_finetune_cli.py.
 PRETRAINED = {"--pretrained": ("/tmp/vim.pth", "/tmp/vim.pth")}
-# --stem conv excludes --patch_size (and --pretrained): parsed in test_conv_stem, its model in test_model.py
+# --stem conv excludes --pretrained and takes --patch_size 2 or 4 (its stride): parsed in test_conv_stem, its model
+# in test_model.py
 STEM = {"--stem": ("conv", "conv")}
 SWITCHES = ("use_randaugment", "use_mixup", "use_cutmix", "use_crop", "use_flip")  # on by default
 SWITCHES_OFF = {f"--no_{s}": s for s in SWITCHES}
@@ -173,7 +174,9 @@ BAD = {
     "negative ema decay": ["--model_ema_decay", "-0.5"],
     "ema decay nan": ["--model_ema_decay", "nan"],
     "unknown stem": ["--stem", "vit"],
-    "conv stem with a patch size": ["--stem", "conv", "--patch_size", "4"],
+    "conv stem with patch size 8": ["--stem", "conv", "--patch_size", "8"],
+    "conv stem with patch size 1": ["--stem", "conv", "--patch_size", "1"],
+    "conv stem, stride 2, odd input": ["--stem", "conv", "--patch_size", "2", "--input_size", "31"],
     "conv stem with pretrained weights": ["--stem", "conv", "--pretrained", "/tmp/vim.pth"],
     "conv stem, input not divisible by 4": ["--stem", "conv", "--input_size", "30"],
     "cuda graphs without compile": ["--cuda_graphs", "--no_compile"],
@@ -257,10 +260,16 @@ def test_pretrained_leaves_the_shape_to_the_checkpoint():
 
 
 def test_conv_stem():
-    """--stem conv: 4x4-pixel tokens (the grid of patch 4), at any input size divisible by 4."""
+    """--stem conv: 4x4-pixel tokens (the grid of patch 4) by default, at any input size divisible by 4; with
+    --patch_size 2 (its stride) 2x2-pixel tokens, at any even input size."""
     cfg = parse_config(["--stem", "conv"])
     assert (cfg.stem, cfg.patch_size, cfg.input_size) == ("conv", 4, 32)
     assert parse_config(["--stem", "conv", "--input_size", "64"]).input_size == 64
+    assert parse_config(["--stem", "conv", "--patch_size", "4"]).patch_size == 4
+    cfg = parse_config(["--stem", "conv", "--patch_size", "2", "--input_size", "30"])
+    assert (cfg.stem, cfg.patch_size, cfg.input_size) == ("conv", 2, 30)
+    with pytest.raises(UsageError, match="--patch_size 2 or 4"):
+        parse_config(["--stem", "conv", "--patch_size", "8"])
 
 
 @pytest.mark.parametrize("argv,stem,patch", [

@@ -302,8 +302,30 @@ def test_conv_stem_gives_the_patch_4_grid():
     assert build_model("mamba_tiny", 10, stem="conv", img_size=64).cfg.num_patches == 256
 
 
+def test_conv_stem_stride_2_gives_the_patch_2_grid():
+    """--stem conv --patch_size 2: the same two convolutions and parameters without the last pool, so 32x32 ->
+    16x16 = 256 tokens + the class token, like patch 2; its weights load into the stride-4 stem and back."""
+    torch.manual_seed(0)
+    model = build_model("mamba_tiny", 10, embed_dim=32, depth=2, stem="conv", patch_size=2, drop_path=0.0)
+    assert model.cfg.num_patches == 256 and model.cls_position == 128 and model.pos_embed.shape == (1, 257, 32)
+    x = torch.randn(2, 3, 32, 32)
+    assert model.patch_embed(x).shape == (2, 256, 32)
+    F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.patch_embed.parameters())
+    four = build_model("mamba_tiny", 10, embed_dim=32, depth=2, stem="conv", drop_path=0.0).patch_embed
+    four.load_state_dict(model.patch_embed.state_dict())  # same names and shapes: only the pooling differs
+    # the stride-4 stem is the stride-2 stem followed by one more 3x3 max-pool of stride 2
+    pooled = F.max_pool2d(model.patch_embed.proj(x), 3, stride=2, padding=1)
+    torch.testing.assert_close(four(x), pooled.flatten(2).transpose(1, 2))
+
+
 def test_bad_stem():
     with pytest.raises(ValueError, match="stem"):
         build_model("mamba_tiny", 10, stem="vit")
     with pytest.raises(ValueError, match="divisible by 4"):
         build_model("mamba_tiny", 10, stem="conv", img_size=30)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        build_model("mamba_tiny", 10, stem="conv", patch_size=2, img_size=31)
+    for stride in (1, 3, 8):
+        with pytest.raises(ValueError, match="stride is 2 or 4"):
+            build_model("mamba_tiny", 10, stem="conv", patch_size=stride)

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.bimamba import causal_conv1d_available  # noqa: E402
 from models.scan import SCAN_CHOICES, resolve_scan  # noqa: E402
-from models.vim import build_model, vim_config  # noqa: E402
+from models.vim import ConvStem, build_model, vim_config  # noqa: E402
 from training.data import MEAN_STD  # noqa: E402
 from training.engine import set_backend_flags  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
@@ -71,9 +71,9 @@ def time_steps(model, device, batch_size, steps, warmup, amp, compile_model, ran
 def run_row(kind, arch, width, depth, patch, batch, args, device):
     torch.manual_seed(0)
     amp = device.type == "cuda"
-    conv_stem = kind == "vim" and args.stem == "conv"  # the conv stem makes 4x4-pixel tokens, whatever the patch
-    row = dict(model=kind, arch=arch, width=width, depth=depth, patch_size=None if conv_stem else patch,
-               tokens=(32 // (4 if conv_stem else patch)) ** 2 + 1, batch_size=batch)
+    # with the conv stem, the patch size is the stem's stride: the Vision Mamba and its ViT get the same tokens
+    row = dict(model=kind, arch=arch, width=width, depth=depth, patch_size=patch, tokens=(32 // patch) ** 2 + 1,
+               batch_size=batch)
     try:
         if kind == "vit":
             model = build_vit(width, depth, patch, 10).to(device)
@@ -281,7 +281,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archs", nargs="+", default=["mamba_tiny", "mamba_small"])
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[128, 1024])
-    p.add_argument("--patch_sizes", nargs="+", type=int, default=[4])
+    p.add_argument("--patch_sizes", nargs="+", type=int, default=[4],
+                   help="patch sizes; with --stem conv, the stem's strides (2 or 4)")
     p.add_argument("--depth", type=int, default=None, help="override the variants' depth")
     p.add_argument("--stem", default="patch", choices=("patch", "conv"), help="the Vision Mamba's tokenizer")
     p.add_argument("--scan", default="auto", choices=SCAN_CHOICES)
@@ -343,9 +344,15 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "stem_rows": rows}, f, indent=1)
         return 0
+    if args.stem == "conv" and not set(args.patch_sizes) <= set(ConvStem.STRIDES):
+        print(f"benchmark.py: error: --stem conv takes --patch_sizes 2 or 4 (its stride), got {args.patch_sizes}",
+              file=sys.stderr)
+        return 2
     if args.cpu_smoke:
         shapes = [("mamba_tiny", 16, 2)]
-        args.batch_sizes, args.patch_sizes, args.steps, args.warmup, args.no_vit = [8], [8], 2, 1, True
+        args.batch_sizes, args.steps, args.warmup, args.no_vit = [8], 2, 1, True
+        if args.stem == "patch":  # the conv stem keeps its strides (--patch_sizes: 4 unless given)
+            args.patch_sizes = [8]
         args.scan = "ref"
     else:
         shapes = [(a, vim_config(a).embed_dim, args.depth or vim_config(a).depth) for a in args.archs]

@@ -54,9 +54,10 @@ def build_parser():
     m.add_argument("--embed_dim", type=int, default=None, help="override the variant's width")
     m.add_argument("--depth", type=int, default=None, help="override the variant's depth")
     m.add_argument("--patch_size", type=int, default=None,
-                   help="patch size (default 4 at 32x32: 64 patches + cls token; with --pretrained: the checkpoint's)")
+                   help="patch size (default 4 at 32x32: 64 patches + cls token; with --pretrained: the checkpoint's); "
+                   "with --stem conv, the stem's stride: 4 (default) or 2 (256 tokens + cls token)")
     m.add_argument("--stem", default="auto", help="how images become tokens: conv (two 3x3 conv + ReLU + max-pool "
-                   "stages, 4x4 pixels per token) or patch (Vim's patch embedding, --patch_size); auto (default): "
+                   "stages, 4x4 pixels per token; 2x2 with --patch_size 2) or patch (Vim's patch embedding, --patch_size); auto (default): "
                    "conv from scratch, patch with --patch_size or --pretrained, and a resumed run's own stem")
     m.add_argument("--input_size", type=int, default=None,
                    help="input resolution; CIFAR images are resized up to it on the device (default 32; with "
@@ -141,11 +142,13 @@ def parse_config(argv=None):
         args.stem = "patch" if (args.pretrained or args.patch_size is not None) else "conv"
     if args.stem == "conv":
         _check(not args.pretrained, "--stem conv trains from scratch; official checkpoints (--pretrained) use patches")
-        _check(args.patch_size is None, "--stem conv makes 4x4-pixel tokens itself; leave --patch_size out")
+        # --patch_size is the stem's stride here: 4 (64 tokens at 32x32, as patch 4) or 2 (256, as patch 2)
+        args.patch_size = 4 if args.patch_size is None else args.patch_size
+        _check(args.patch_size in ConvStem.STRIDES,
+               f"--stem conv takes --patch_size 2 or 4 (its stride), got {args.patch_size}")
         args.input_size = 32 if args.input_size is None else args.input_size
-        _check(args.input_size > 0 and args.input_size % ConvStem.STRIDE == 0,
-               f"--stem conv needs --input_size divisible by {ConvStem.STRIDE}")
-        args.patch_size = ConvStem.STRIDE  # the stem's stride: the token grid is the same as patch 4's
+        _check(args.input_size > 0 and args.input_size % args.patch_size == 0,
+               f"--stem conv needs --input_size divisible by {args.patch_size}")
     elif args.pretrained:
         _check(args.embed_dim is None and args.depth is None and args.patch_size is None,
                "--embed_dim, --depth and --patch_size come from the --pretrained checkpoint; leave them out")

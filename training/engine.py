@@ -292,7 +292,7 @@ class Run:
         self.log.info(f"command: {cfg.command}")
         self.log.info("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(cfg).items()) if k != "command"))
         self.log.info(f"model: {cfg.arch} {n_params:,} parameters, {self.model.cfg.num_patches + 1} tokens "
-                      f"({'conv stem' if cfg.stem == 'conv' else f'patch {cfg.patch_size}'}), "
+                      f"({'conv stem, stride' if cfg.stem == 'conv' else 'patch'} {cfg.patch_size}), "
                       f"width {self.model.cfg.embed_dim}, depth {self.model.cfg.depth}")
         self.log.info(f"device: {gpu} x{self.world} | scan kernel: {self.scan} | causal-conv1d: "
                       f"{'yes' if self.causal_conv else 'no (PyTorch)'} | precision: "
