@@ -57,8 +57,9 @@ def build_parser():
                    help="patch size (default 4 at 32x32: 64 patches + cls token; with --pretrained: the checkpoint's); "
                    "with --stem conv, the stem's stride: 4 (default) or 2 (256 tokens + cls token)")
     m.add_argument("--stem", default="auto", help="how images become tokens: conv (two 3x3 conv + ReLU + max-pool "
-                   "stages, 4x4 pixels per token; 2x2 with --patch_size 2) or patch (Vim's patch embedding, --patch_size); auto (default): "
-                   "conv from scratch, patch with --patch_size or --pretrained, and a resumed run's own stem")
+                   "stages, 4x4 pixels per token; 2x2 with --patch_size 2) or patch (Vim's patch embedding, "
+                   "--patch_size); auto (default): conv from scratch, patch with --patch_size or --pretrained, and a "
+                   "resumed run's own stem")
     m.add_argument("--input_size", type=int, default=None,
                    help="input resolution; CIFAR images are resized up to it on the device (default 32; with "
                         "--pretrained: the checkpoint's, e.g. 224)")
