@@ -64,8 +64,8 @@ class ConvStem(nn.Module):
     """A convolutional tokenizer in the manner of Compact Convolutional Transformers (CCT-x/3x2): two stages of
     (3x3 conv, ReLU, 3x3 max-pool with stride 2), so each token sees a 13x13-pixel field and the 32x32 image gives
     the same 8x8 = 64 tokens as patch 4. With stride 2 the second stage has no pool: the same two convolutions and
-    parameters, a 9x9-pixel field, and 16x16 = 256 tokens, as patch 2. An option (``--stem conv``) for CIFAR;
-    official checkpoints use patches."""
+    parameters, a 9x9-pixel field, and 16x16 = 256 tokens, as patch 2. The trainer's tokenizer from scratch, at
+    stride 2 unless ``--patch_size 4``; official checkpoints use patches."""
     STRIDES = (2, 4)
 
     def __init__(self, img_size, in_chans, embed_dim, stride=4, hidden=64):

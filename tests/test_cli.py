@@ -405,18 +405,19 @@ def test_a_compiler_failure_is_one_line_that_names_no_compile(tmp_path, cifar10_
 
 
 def test_conv_stem_runs_and_a_checkpoint_keeps_its_stem(tmp_path, cifar10_dir, capsys):
-    """--stem conv trains with 64 tokens and its stem's weights; a checkpoint of one stem is refused by a run that
-    asks for the other (one line, exit 2) and resumed as it was made when --stem is left at auto; a checkpoint from
-    before --stem existed resumes as the patch stem."""
+    """--stem conv trains with its stem's weights; a checkpoint of one stem is refused by a run that asks for the
+    other (one line, exit 2) and resumed as it was made when --stem is left at auto (with the checkpoint's patch
+    size, also when it is not the conv stem's default); a checkpoint from before --stem existed resumes as the
+    patch stem."""
     def args(name, *extra):
         argv = tiny_args(tmp_path / name, cifar10_dir, *PLAIN, "--epochs", "2", "--warmup_epochs", "0",
                          "--save_freq", "1", "--train_subset", "8", "--test_subset", "8", *extra)
         i = argv.index("--patch_size")
-        return argv[:i] + argv[i + 2:]  # the stem sets the tokens: 4x4 pixels, as patch 4
+        return argv[:i] + argv[i + 2:]  # the stem sets the tokens
 
     assert train_mamba_baseline.main(args("conv", "--stem", "conv")) == 0
     conv = Run(tmp_path / "conv", [])
-    assert "65 tokens (conv stem, stride 4)" in conv.log()
+    assert "257 tokens (conv stem, stride 2)" in conv.log()
     ck = conv.ckpt()
     assert ck["config"]["stem"] == "conv" and "patch_embed.proj.3.weight" in ck["model"]
 
@@ -442,25 +443,27 @@ def test_conv_stem_runs_and_a_checkpoint_keeps_its_stem(tmp_path, cifar10_dir, c
     assert Run(tmp_path / "resumed", []).ckpt()["position"]["epoch"] == 2
 
 
-def test_conv_stem_stride_2_runs_and_resumes_only_as_made(tmp_path, cifar10_dir, capsys):
-    """--stem conv --patch_size 2: 256 tokens + the class token, logged and saved; resuming it without --patch_size 2
-    (so asking for the stride-4 stem) is refused in one line naming the patch size; with it, the run goes on."""
+def test_conv_stem_strides_resume_as_made(tmp_path, cifar10_dir, capsys):
+    """--stem conv --patch_size 4: 64 tokens + the class token, logged and saved; resuming it with --patch_size 2 is
+    refused in one line naming the patch size; with --patch_size left out (whose default for the conv stem is now 2)
+    the run goes on at stride 4, as a run made before that default does."""
     def args(epochs, patch, *extra):
-        argv = tiny_args(tmp_path / "c2", cifar10_dir, *PLAIN, "--epochs", epochs, "--warmup_epochs", "0",
+        argv = tiny_args(tmp_path / "c4", cifar10_dir, *PLAIN, "--epochs", epochs, "--warmup_epochs", "0",
                          "--train_subset", "8", "--test_subset", "8", "--stem", "conv", *extra)
         i = argv.index("--patch_size")
         return argv[:i] + (["--patch_size", patch] if patch else []) + argv[i + 2:]
 
-    assert train_mamba_baseline.main(args("1", "2")) == 0
-    run = Run(tmp_path / "c2", [])
-    assert "257 tokens (conv stem, stride 2)" in run.log()
+    assert train_mamba_baseline.main(args("1", "4")) == 0
+    run = Run(tmp_path / "c4", [])
+    assert "65 tokens (conv stem, stride 4)" in run.log()
     ck = run.ckpt()
-    assert (ck["config"]["stem"], ck["config"]["patch_size"]) == ("conv", 2)
-    assert ck["model"]["pos_embed"].shape[1] == 257
+    assert (ck["config"]["stem"], ck["config"]["patch_size"]) == ("conv", 4)
+    assert ck["model"]["pos_embed"].shape[1] == 65
 
     capsys.readouterr()
-    assert train_mamba_baseline.main(args("2", None, "--resume", "auto")) == 2
+    assert train_mamba_baseline.main(args("2", "2", "--resume", "auto")) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "patch_size 2 (this run: 4)" in err
-    assert train_mamba_baseline.main(args("2", "2", "--resume", "auto")) == 0
-    assert run.ckpt()["position"]["epoch"] == 2
+    assert err.count("\n") == 1 and "patch_size 4 (this run: 2)" in err
+    assert train_mamba_baseline.main(args("2", None, "--resume", "auto")) == 0
+    assert run.ckpt()["position"]["epoch"] == 2 and run.ckpt()["config"]["patch_size"] == 4
+    assert "65 tokens (conv stem, stride 4)" in run.log()

@@ -15,11 +15,11 @@ SPEC_DEFAULTS = dict(
     label_smoothing=0.1, gpu=0, save_freq=50, log_dir="./logs_mamba_baseline", data_dir="./datasets/cifar10",
     save_dir="./checkpoint/mamba_baseline/cifar10", num_classes=10,
     # the rest of the flags
-    embed_dim=None, depth=None, patch_size=4, drop_path=0.1, scan="auto", accum_steps=1, clip_grad=0.0,
+    embed_dim=None, depth=None, patch_size=2, drop_path=0.1, scan="auto", accum_steps=1, clip_grad=0.0,
     min_lr=1e-5, warmup_lr=1e-6, eval_batch_size=1024, seed=0, device="auto", precision="auto", max_bad_steps=20,
     deterministic=False, compile=None, use_crop=True, use_flip=True, num_workers=0, train_subset=0,
     test_subset=0, resume=None, save_every_minutes=0.0, no_progress=False, model_ema=False, model_ema_decay=0.9999,
-    stem="conv", stem_auto=True, cuda_graphs=False,
+    stem="conv", stem_auto=True, patch_size_auto=True, cuda_graphs=False,
 )
 
 
@@ -178,7 +178,8 @@ BAD = {
     "conv stem with patch size 1": ["--stem", "conv", "--patch_size", "1"],
     "conv stem, stride 2, odd input": ["--stem", "conv", "--patch_size", "2", "--input_size", "31"],
     "conv stem with pretrained weights": ["--stem", "conv", "--pretrained", "/tmp/vim.pth"],
-    "conv stem, input not divisible by 4": ["--stem", "conv", "--input_size", "30"],
+    "conv stem, input not divisible by 4": ["--stem", "conv", "--patch_size", "4", "--input_size", "30"],
+    "conv stem (stride 2 by default), odd input": ["--stem", "conv", "--input_size", "31"],
     "cuda graphs without compile": ["--cuda_graphs", "--no_compile"],
     "cuda graphs, then no compile": ["--no_compile", "--cuda_graphs"],
     "cuda graphs with accumulation": ["--cuda_graphs", "--accum_steps", "2"],
@@ -260,10 +261,11 @@ def test_pretrained_leaves_the_shape_to_the_checkpoint():
 
 
 def test_conv_stem():
-    """--stem conv: 4x4-pixel tokens (the grid of patch 4) by default, at any input size divisible by 4; with
-    --patch_size 2 (its stride) 2x2-pixel tokens, at any even input size."""
+    """--stem conv: 2x2-pixel tokens (the grid of patch 2) by default, at any even input size; with --patch_size 4
+    (its stride) 4x4-pixel tokens, at any input size divisible by 4."""
     cfg = parse_config(["--stem", "conv"])
-    assert (cfg.stem, cfg.patch_size, cfg.input_size) == ("conv", 4, 32)
+    assert (cfg.stem, cfg.patch_size, cfg.input_size, cfg.patch_size_auto) == ("conv", 2, 32, True)
+    assert not parse_config(["--stem", "conv", "--patch_size", "2"]).patch_size_auto
     assert parse_config(["--stem", "conv", "--input_size", "64"]).input_size == 64
     assert parse_config(["--stem", "conv", "--patch_size", "4"]).patch_size == 4
     cfg = parse_config(["--stem", "conv", "--patch_size", "2", "--input_size", "30"])
@@ -273,7 +275,7 @@ def test_conv_stem():
 
 
 @pytest.mark.parametrize("argv,stem,patch", [
-    ([], "conv", 4), (["--input_size", "64"], "conv", 4), (["--patch_size", "4"], "patch", 4),
+    ([], "conv", 2), (["--input_size", "64"], "conv", 2), (["--patch_size", "4"], "patch", 4),
     (["--patch_size", "2"], "patch", 2), (["--pretrained", "/tmp/vim.pth"], "patch", None),
     (["--stem", "patch"], "patch", 4), (["--stem", "auto", "--patch_size", "8"], "patch", 8)])
 def test_stem_auto(argv, stem, patch):

@@ -174,6 +174,8 @@ class Run:
         if self.ckpt:
             if cfg.stem_auto:  # --stem left at its default: the run goes on with the stem it was made with
                 cfg.stem = self.ckpt["config"].get("stem", SAVED_DEFAULTS["stem"])
+            if cfg.patch_size_auto and not cfg.pretrained:  # likewise its patch size (the conv stem's stride)
+                cfg.patch_size = self.ckpt["config"]["patch_size"]
             check_compatible(self.ckpt, cfg, resume_path)
             done = self.ckpt["position"]
             if done["epoch"] >= cfg.epochs and done["step_in_epoch"] == 0:
