@@ -38,6 +38,22 @@ def test_scan_timings_need_a_gpu(capsys):
         assert "need a CUDA GPU" in capsys.readouterr().err
 
 
+def test_scan_lengths_reach_the_scan_timings(monkeypatch, capsys):
+    """--scan_lengths sets the sequence lengths of --scan_sweep and --scan_only (each keeps its own default without
+    it); a length below 1 is a one-line error, exit 2."""
+    seen = []
+    monkeypatch.setattr(benchmark.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(benchmark, "scan_sweep", lambda batches, **kw: seen.append(("sweep", kw)) or [])
+    monkeypatch.setattr(benchmark, "scan_bench", lambda backends, batches, **kw: seen.append(("only", kw)) or [])
+    assert benchmark.main(["--scan_sweep", "--scan_lengths", "257"]) == 0
+    assert benchmark.main(["--scan_only", "triton", "--scan_lengths", "65", "129"]) == 0
+    assert benchmark.main(["--scan_sweep"]) == 0
+    assert seen == [("sweep", {"lengths": (257,)}), ("only", {"lengths": (65, 129)}), ("sweep", {})]
+    assert benchmark.main(["--scan_sweep", "--scan_lengths", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--scan_lengths must be positive" in err
+
+
 def test_cpu_smoke_with_the_conv_stem(tmp_path):
     out = tmp_path / "bench.json"
     assert benchmark.main(["--cpu_smoke", "--stem", "conv", "--json", str(out)]) == 0

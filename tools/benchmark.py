@@ -303,6 +303,9 @@ def main(argv=None):
                         "forward+backward) at --archs' width and --batch_sizes")
     p.add_argument("--scan_sweep", action="store_true",
                    help="time the Triton scan's launch shapes (forward and backward) at 65 tokens")
+    p.add_argument("--scan_lengths", nargs="+", type=int, default=None, metavar="TOKENS",
+                   help="sequence lengths for --scan_only (default 65 257) and --scan_sweep (default 65); 257 is the "
+                        "default conv stem's")
     p.add_argument("--launch", nargs="+", default=[], metavar=LAUNCH_METAVAR,
                    help="run the Triton scan with these launch shapes instead of models/scan_triton.py's, e.g. "
                         "BWD_CONFIG_NARROW=32,2,1,step,decay (a step-level A/B of --scan_sweep's findings)")
@@ -319,12 +322,16 @@ def main(argv=None):
         import models.scan_triton as st
         for name, cfg in launch.items():
             setattr(st, name, cfg)
+    if args.scan_lengths is not None and min(args.scan_lengths) < 1:
+        print(f"benchmark.py: error: --scan_lengths must be positive, got {args.scan_lengths}", file=sys.stderr)
+        return 2
     if args.scan_only is not None or args.scan_sweep:
         if not torch.cuda.is_available():
             print("benchmark.py: error: --scan_only and --scan_sweep need a CUDA GPU", file=sys.stderr)
             return 2
-        rows = scan_sweep(args.batch_sizes) if args.scan_sweep else \
-            scan_bench(args.scan_only or ["cuda", "triton"], args.batch_sizes)
+        lengths = {} if args.scan_lengths is None else {"lengths": tuple(args.scan_lengths)}
+        rows = scan_sweep(args.batch_sizes, **lengths) if args.scan_sweep else \
+            scan_bench(args.scan_only or ["cuda", "triton"], args.batch_sizes, **lengths)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": {"device": torch.cuda.get_device_name()}, "scan_rows": rows}, f, indent=1)
