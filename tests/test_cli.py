@@ -161,6 +161,8 @@ def test_smoke_run_logs_metrics_and_checkpoints(tmp_path, cifar10_dir):
     assert "16 train / 12 test images" in log and "2 steps/epoch" in log      # the subsets took effect
     epoch_lines = re.findall(r"^.*epoch +(\d+)/4 \|.*$", log, flags=re.M)
     assert epoch_lines == ["1", "2", "3", "4"]
+    lines = re.findall(r"^.*epoch +\d+/4 \|.*$", log, flags=re.M)                # time left from epoch 2 on
+    assert ["| left " in x for x in lines] == [False, True, True, False]
     # the .jsonl
     recs = r.records()
     assert [x["epoch"] for x in recs] == [1, 2, 3, 4]

@@ -15,6 +15,7 @@ class RunLog:
 
     def __init__(self, log_path, jsonl_path, enabled=True, echo=True):
         self.log_path, self.jsonl_path, self.enabled, self.echo = log_path, jsonl_path, enabled, echo
+        self._epoch_ends = []  # monotonic times of this process's epoch lines, for the time left
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
             self._log = open(log_path, "a", buffering=1)
@@ -30,15 +31,27 @@ class RunLog:
 
     def epoch(self, rec, total_epochs):
         """rec: one epoch's metrics (see engine.epoch_record)."""
+        self._epoch_ends.append(time.monotonic())
         top5 = f" top5 {rec['test_acc5']:.2f}" if rec.get("test_acc5") is not None else ""
         ema = f" | ema {rec['ema_acc']:.2f}" if rec.get("ema_acc") is not None else ""  # --model_ema: its top-1
         self.info(f"epoch {rec['epoch']:>3}/{total_epochs} | lr {rec['lr']:.2e} | train loss {rec['train_loss']:.4f}"
                   f" | test loss {rec['test_loss']:.4f} acc {rec['test_acc']:.2f}{top5}{ema}"
                   f" | best {rec['best_acc']:.2f}"
-                  f" | {rec['epoch_time']:.1f}s {rec['images_per_s']:.0f} img/s")
+                  f" | {rec['epoch_time']:.1f}s {rec['images_per_s']:.0f} img/s"
+                  f"{self._time_left(total_epochs - rec['epoch'])}")
         if self.enabled:
             with open(self.jsonl_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+
+    def _time_left(self, epochs_left):
+        """' | left 1h05m': the epochs left at the mean pace of this process's last 5 whole epochs, from one epoch
+        line to the next (checkpoint writes included; the first epoch, which compiles, has no earlier line)."""
+        ends = self._epoch_ends[-6:]
+        if epochs_left <= 0 or len(ends) < 2:
+            return ""
+        seconds = round(epochs_left * (ends[-1] - ends[0]) / (len(ends) - 1))
+        hours, minutes = seconds // 3600, seconds % 3600 // 60
+        return f" | left {hours}h{minutes:02d}m" if hours else f" | left {minutes}m{seconds % 60:02d}s"
 
     def rewrite_jsonl(self, records):
         """On resume: the .jsonl becomes exactly the checkpoint's history (no lost or doubled epochs)."""
