@@ -16,6 +16,7 @@ DETERMINISTIC = ["--no_use_randaugment", "--no_use_mixup", "--no_use_cutmix", "-
 RUNNER = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, {root!r})
+    from training import distributed as ddp
     from training.config import parse_config
     from training.engine import Run
     cfg = parse_config(sys.argv[1:])
@@ -36,11 +37,15 @@ RUNNER = textwrap.dedent("""
             run.fit()
     except Exception as e:
         print("STOPPED", type(e).__name__, run.pos.epoch, run.pos.step_in_epoch)
+        ddp.cleanup()
         sys.exit(0)
     torch.save(run.model.state_dict(), os.path.join({out!r}, f"rank{{run.rank}}_of_{{run.world}}.pt"))
     if run.ema is not None:
         torch.save(run.ema.module.state_dict(), os.path.join({out!r}, f"ema_rank{{run.rank}}_of_{{run.world}}.pt"))
     print("LOG", run.log.log_path if run.is_main else "")
+    # as train() does: a gloo process group left alive at exit can abort the process ("terminate called without an
+    # active exception") while its threads are torn down
+    ddp.cleanup()
 """)
 
 
@@ -145,3 +150,22 @@ def test_epoch_boundary_checkpoint_moves_to_more_processes_at_the_same_global_ba
             assert "differ from the checkpoint's" not in log
         else:
             assert "differ from the checkpoint's: processes 1 -> 2; global batch 8 -> 16" in log
+
+
+@pytest.mark.parametrize("where", ["Run()", "setup"])
+def test_the_process_group_is_destroyed_when_the_run_refuses_its_config(tmp_path, monkeypatch, where):
+    """Under torchrun, Run() joins the process group and may refuse the config right after (--cuda_graphs with
+    several processes), or setup() may (a checkpoint of another run). A group left alive at exit can abort the
+    process ("terminate called without an active exception") instead of the one-line error and exit code 2."""
+    import training.engine as engine
+    from training.config import UsageError, parse_config
+    destroyed = []
+    monkeypatch.setattr(engine.ddp, "cleanup", lambda: destroyed.append(True))
+
+    def refuse(*a):
+        raise UsageError("refused")
+    monkeypatch.setattr(engine.Run, "__init__" if where == "Run()" else "setup", refuse)
+    cfg = parse_config(tiny_args(tmp_path, str(tmp_path / "data")))
+    with pytest.raises(UsageError, match="refused"):
+        engine.train(cfg)
+    assert destroyed == [True]

@@ -499,8 +499,8 @@ class Run:
 
 def train(cfg):
     """Runs the whole training; -> exit code. Raises UsageError / DataError / CheckpointError for bad input."""
-    run = Run(cfg)
-    try:
+    try:  # Run() joins the process group (torchrun) and may then refuse the config: cleanup must follow it too
+        run = Run(cfg)
         if run.is_main:
             try:
                 os.makedirs(cfg.save_dir, exist_ok=True)
@@ -529,4 +529,5 @@ def train(cfg):
                     run.log.close()
         return 0
     finally:
+        # a gloo/NCCL process group left alive at exit can abort the process as its threads are torn down
         ddp.cleanup()
