@@ -8,6 +8,8 @@ def test_cpu_smoke_writes_rows(tmp_path, capsys):
     assert benchmark.main(["--cpu_smoke", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1 and rows[0]["model"] == "vim" and rows[0]["images_per_s"] > 0
+    # training's default tokenizer: the conv stem at stride 2, 257 tokens
+    assert (rows[0]["stem"], rows[0]["patch_size"], rows[0]["tokens"]) == ("conv", 2, 257)
     assert "img/s" in capsys.readouterr().out
     assert json.loads(out.read_text())["meta"]["cudnn_benchmark"] is True  # as training sets it
 
@@ -54,14 +56,16 @@ def test_scan_lengths_reach_the_scan_timings(monkeypatch, capsys):
     assert err.count("\n") == 1 and "--scan_lengths must be positive" in err
 
 
-def test_cpu_smoke_with_the_conv_stem(tmp_path):
+def test_stem_and_patch_sizes_default_as_in_training(tmp_path):
+    """--stem conv without --patch_sizes is stride 2 (as the trainer's --stem conv); --patch_sizes 4 is stride 4;
+    --stem patch is patch 4 (patch 8 in the CPU smoke, fewer tokens), or the given patch size."""
     out = tmp_path / "bench.json"
-    assert benchmark.main(["--cpu_smoke", "--stem", "conv", "--json", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["stem"] == "conv" and row["tokens"] == 65 and row["images_per_s"] > 0
-    assert benchmark.main(["--cpu_smoke", "--stem", "conv", "--patch_sizes", "2", "--json", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["rows"]
-    assert (row["patch_size"], row["tokens"]) == (2, 257) and row["images_per_s"] > 0
+    cases = [(["--stem", "conv"], ("conv", 2, 257)), (["--stem", "conv", "--patch_sizes", "4"], ("conv", 4, 65)),
+             (["--stem", "patch"], ("patch", 8, 17)), (["--stem", "patch", "--patch_sizes", "16"], ("patch", 16, 5))]
+    for flags, want in cases:
+        assert benchmark.main(["--cpu_smoke", *flags, "--json", str(out)]) == 0
+        (row,) = json.loads(out.read_text())["rows"]
+        assert (row["stem"], row["patch_size"], row["tokens"]) == want and row["images_per_s"] > 0, flags
 
 
 def test_conv_stem_refuses_other_strides(capsys):

@@ -281,10 +281,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archs", nargs="+", default=["mamba_tiny", "mamba_small"])
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[128, 1024])
-    p.add_argument("--patch_sizes", nargs="+", type=int, default=[4],
-                   help="patch sizes; with --stem conv, the stem's strides (2 or 4)")
+    p.add_argument("--patch_sizes", nargs="+", type=int, default=None,
+                   help="patch sizes; with --stem conv, the stem's strides (2 or 4). Default as in training: 2 with "
+                        "the conv stem, 4 with patches")
     p.add_argument("--depth", type=int, default=None, help="override the variants' depth")
-    p.add_argument("--stem", default="patch", choices=("patch", "conv"), help="the Vision Mamba's tokenizer")
+    p.add_argument("--stem", default="conv", choices=("patch", "conv"),
+                   help="the Vision Mamba's tokenizer (default conv, as training from scratch)")
     p.add_argument("--scan", default="auto", choices=SCAN_CHOICES)
     p.add_argument("--compile", action="store_true", help="torch.compile the Vision Mamba too")
     p.add_argument("--compile_mode", default=None, choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
@@ -351,6 +353,9 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "stem_rows": rows}, f, indent=1)
         return 0
+    explicit_patch = args.patch_sizes is not None
+    if not explicit_patch:  # training's defaults (training/config.py)
+        args.patch_sizes = [2] if args.stem == "conv" else [4]
     if args.stem == "conv" and not set(args.patch_sizes) <= set(ConvStem.STRIDES):
         print(f"benchmark.py: error: --stem conv takes --patch_sizes 2 or 4 (its stride), got {args.patch_sizes}",
               file=sys.stderr)
@@ -358,7 +363,7 @@ def main(argv=None):
     if args.cpu_smoke:
         shapes = [("mamba_tiny", 16, 2)]
         args.batch_sizes, args.steps, args.warmup, args.no_vit = [8], 2, 1, True
-        if args.stem == "patch":  # the conv stem keeps its strides (--patch_sizes: 4 unless given)
+        if args.stem == "patch" and not explicit_patch:  # fewer tokens for the CPU; the conv stem keeps its stride
             args.patch_sizes = [8]
         args.scan = "ref"
     else:
