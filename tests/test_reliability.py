@@ -8,6 +8,7 @@
 * non-finite losses skip the step on the device (weights untouched), are counted, and a streak stops the run
   with exit code 3 and the last good checkpoint intact;
 * bad input of every kind: one stderr line, exit 2, no traceback, no code run, nothing overwritten;
+* a batch too big for the GPU: one stderr line with what to change, exit 2, finished epochs kept;
 * a checkpoint holds only plain data;
 * tools/chaos_test.py (random SIGKILL/SIGTERM + resume until done) passes.
 
@@ -509,6 +510,44 @@ def test_isolated_nonfinite_steps_are_skipped_and_counted(tmp_path, data, monkey
     assert all(map(lambda r: r["train_loss"] == r["train_loss"], m))  # no NaN leaks into the metrics
     ck = load(save / LAST)
     assert ck["position"]["bad_steps"] == 3 and ck["position"]["epoch"] == EPOCHS
+    assert_checkpoints_load(save)
+
+
+@pytest.mark.parametrize("where", ["train", "eval"])
+def test_out_of_memory_is_one_line_with_advice_and_keeps_finished_epochs(tmp_path, data, monkeypatch, capsys, where):
+    """A batch that does not fit on the GPU (in a training step of epoch 2, or in its evaluation): one stderr line
+    naming the batch sizes, the tokens and what to change, exit 2, no traceback; the log says it too (for
+    `tail -f`); epoch 1's checkpoint is untouched."""
+    save, logs = tmp_path / "ckpt", tmp_path / "logs"
+
+    def inject(run):
+        if where == "train":
+            step = run.step
+
+            def step_or_oom(*a):
+                if run.pos.global_step == STEPS + 2:
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                return step(*a)
+            run.step = step_or_oom
+        else:
+            evaluate = run.evaluate
+
+            def evaluate_or_oom(*a, **k):
+                if run.pos.epoch == 1:
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                return evaluate(*a, **k)
+            run.evaluate = evaluate_or_oom
+    after_setup(monkeypatch, inject)
+    assert call_main(run_args(data, save, logs, "m")) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and err.count("\n") == 1
+    assert err.startswith("train_mamba_baseline.py: error: the GPU ran out of memory at --batch_size 8, "
+                          "--eval_batch_size ")
+    assert "17 tokens" in err and "--accum_steps" in err and "--patch_size 4" in err
+    assert "ran out of memory" not in out  # the log's copy is not echoed: the error is printed once
+    assert "error: the GPU ran out of memory" in log_of(logs, "m").read_text()
+    assert load(save / LAST)["position"]["epoch"] == 1
+    assert [r["epoch"] for r in metrics(jsonl_of(logs, "m"))] == [1]
     assert_checkpoints_load(save)
 
 

@@ -497,6 +497,20 @@ class Run:
                       f"checkpoints in {cfg.save_dir}")
 
 
+def out_of_memory_advice(cfg, run):
+    """One line for a run whose batch did not fit on its GPU: what was asked, what the GPU has, what to change."""
+    memory = ""
+    if run.device.type == "cuda":
+        gib = 2 ** 30
+        total = torch.cuda.get_device_properties(run.device).total_memory / gib
+        memory = f" ({torch.cuda.max_memory_allocated(run.device) / gib:.1f} of {total:.0f} GiB at the peak)"
+    tokens = run.model.cfg.num_patches + 1
+    return (f"the GPU ran out of memory{memory} at --batch_size {cfg.batch_size}, --eval_batch_size "
+            f"{cfg.eval_batch_size} and {tokens} tokens; use a smaller --batch_size (--accum_steps keeps the global "
+            f"batch) or --eval_batch_size, or fewer tokens (--stem conv --patch_size 4: 65). Checkpoints of finished "
+            f"epochs are kept")
+
+
 def train(cfg):
     """Runs the whole training; -> exit code. Raises UsageError / DataError / CheckpointError for bad input."""
     try:  # Run() joins the process group (torchrun) and may then refuse the config: cleanup must follow it too
@@ -524,6 +538,10 @@ def train(cfg):
             except NonFiniteLoss as e:
                 run.log.info(f"error: {e}")
                 return 3
+            except torch.cuda.OutOfMemoryError:
+                message = out_of_memory_advice(cfg, run)
+                run.log.info(f"error: {message}", echo=False)  # for `tail -f`; the command line prints it
+                raise UsageError(message) from None
             finally:
                 if hasattr(run, "log"):
                     run.log.close()

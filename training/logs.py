@@ -20,13 +20,14 @@ class RunLog:
             os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
             self._log = open(log_path, "a", buffering=1)
 
-    def info(self, message):
+    def info(self, message, echo=True):
+        """Writes to the log file, and to stdout unless the RunLog or this call says echo=False."""
         if not self.enabled:
             return
         for line in str(message).splitlines():
             stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
             self._log.write(stamped + "\n")
-            if self.echo:
+            if self.echo and echo:
                 print(stamped, flush=True)
 
     def epoch(self, rec, total_epochs):
