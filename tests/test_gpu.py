@@ -148,3 +148,20 @@ def test_cuda_graph_steps_equal_compiled_steps(monkeypatch, amp):
     for n in w_a:
         update = (w_a[n] - w0[n].detach()).norm()
         assert (w_b[n] - w_a[n]).norm() <= 0.1 * update + 1e-6, (n, (w_b[n] - w_a[n]).norm().item(), update.item())
+
+
+def test_out_of_memory_is_one_line(tmp_path, capsys):
+    """A real CUDA out-of-memory error (mamba_tiny at batch 4,096 and 257 tokens needs ~225 GiB, going by 28 GiB at
+    512): one stderr line with the batch and the GPU's memory, exit 2, no traceback."""
+    from tests.conftest import make_cifar
+    import train_mamba_baseline
+    data = make_cifar(str(tmp_path / "d"), n_train=4096, n_test=64)
+    args = ["--arch", "mamba_tiny", "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "4096", "--no_compile",
+            "--data_dir", data, "--save_dir", str(tmp_path / "c"), "--log_dir", str(tmp_path / "l"), "--no_progress"]
+    try:
+        assert train_mamba_baseline.main(args) == 2
+    finally:
+        torch.cuda.empty_cache()
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and err.count("\n") == 1
+    assert "ran out of memory (" in err and " GiB at the peak) at --batch_size 4096" in err and "257 tokens" in err
