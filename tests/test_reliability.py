@@ -551,6 +551,20 @@ def test_out_of_memory_is_one_line_with_advice_and_keeps_finished_epochs(tmp_pat
     assert_checkpoints_load(save)
 
 
+def test_out_of_memory_while_setting_up_is_one_line(tmp_path, data, monkeypatch, capsys):
+    """Out of memory before the model exists (its weights or the data set moving to a GPU that is already full):
+    the same one line, exit 2, no traceback, nothing written."""
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+    monkeypatch.setattr(engine, "build_model", oom)
+    save, logs = tmp_path / "ckpt", tmp_path / "logs"
+    assert call_main(run_args(data, save, logs, "m")) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and err.count("\n") == 1
+    assert "error: the GPU ran out of memory at --batch_size 8, --eval_batch_size 16 (setting up the run)" in err
+    assert not logs.exists() and not [f for f in os.listdir(save) if f.endswith(".pth")]
+
+
 def test_nonfinite_streak_stops_with_exit_3_and_keeps_last_good_checkpoint(tmp_path, data, monkeypatch, capsys):
     save, logs = tmp_path / "ckpt", tmp_path / "logs"
     _inject_nan(monkeypatch, set(range(STEPS, EPOCHS * STEPS)))  # every step from epoch 2 on

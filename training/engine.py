@@ -498,17 +498,18 @@ class Run:
 
 
 def out_of_memory_advice(cfg, run):
-    """One line for a run whose batch did not fit on its GPU: what was asked, what the GPU has, what to change."""
+    """One line for a run whose batch did not fit on its GPU: what was asked, what the GPU has, what to change.
+    Out of memory during setup (no model yet), the GPU is likely full of other processes' memory: the peak says so."""
     memory = ""
     if run.device.type == "cuda":
         gib = 2 ** 30
         total = torch.cuda.get_device_properties(run.device).total_memory / gib
         memory = f" ({torch.cuda.max_memory_allocated(run.device) / gib:.1f} of {total:.0f} GiB at the peak)"
-    tokens = run.model.cfg.num_patches + 1
+    tokens = f" and {run.model.cfg.num_patches + 1} tokens" if hasattr(run, "model") else " (setting up the run)"
     return (f"the GPU ran out of memory{memory} at --batch_size {cfg.batch_size}, --eval_batch_size "
-            f"{cfg.eval_batch_size} and {tokens} tokens; use a smaller --batch_size (--accum_steps keeps the global "
-            f"batch) or --eval_batch_size, or fewer tokens (--stem conv --patch_size 4: 65). Checkpoints of finished "
-            f"epochs are kept")
+            f"{cfg.eval_batch_size}{tokens}; use a smaller --batch_size (--accum_steps keeps the global batch) or "
+            f"--eval_batch_size, or fewer tokens (--stem conv --patch_size 4: 65). Checkpoints of finished epochs "
+            f"are kept")
 
 
 def train(cfg):
@@ -525,8 +526,8 @@ def train(cfg):
                 raise CheckpointError(f"cannot write to --save_dir {cfg.save_dir}: {e.strerror}") from None
         lock = RunLock(cfg.save_dir) if run.is_main else contextlib.nullcontext()
         with lock:
-            run.setup()
             try:
+                run.setup()  # inside: an out-of-memory error here (a GPU that other processes fill) is one line too
                 with run.stop:
                     run.fit()
             except Stopped as s:
@@ -540,7 +541,8 @@ def train(cfg):
                 return 3
             except torch.cuda.OutOfMemoryError:
                 message = out_of_memory_advice(cfg, run)
-                run.log.info(f"error: {message}", echo=False)  # for `tail -f`; the command line prints it
+                if hasattr(run, "log"):  # for `tail -f`; the command line prints it
+                    run.log.info(f"error: {message}", echo=False)
                 raise UsageError(message) from None
             finally:
                 if hasattr(run, "log"):
