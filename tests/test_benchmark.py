@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from tools import benchmark
 
 
@@ -31,7 +33,6 @@ def test_needs_a_gpu_without_cpu_smoke(capsys):
 
 
 def test_scan_timings_need_a_gpu(capsys):
-    import pytest
     import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -75,7 +76,6 @@ def test_conv_stem_refuses_other_strides(capsys):
 
 
 def test_launch_shapes_are_parsed_checked_and_applied(tmp_path, monkeypatch, capsys):
-    import pytest
     pytest.importorskip("triton")
     import models.scan_triton as st
     for name in benchmark.LAUNCH_NAMES:
@@ -102,7 +102,6 @@ def test_launch_shapes_are_parsed_checked_and_applied(tmp_path, monkeypatch, cap
 
 def test_scan_regs_compiles_for_a_gpu_without_one(tmp_path, capsys):
     """tools/scan_regs.py: the Triton kernels compiled for sm_90 here, registers and spills read from the cubin."""
-    import pytest
     pytest.importorskip("triton")
     from tools import scan_regs
     out = tmp_path / "regs.json"
@@ -121,7 +120,6 @@ def test_scan_regs_compiles_for_a_gpu_without_one(tmp_path, capsys):
 def test_scan_regs_compiles_the_models_launch():
     """The compiled case is the launch the model makes: its (B, L, D) activations seen as (B, D, L) views have unit
     channel strides, which Triton's launcher turns into constants (they decide vectorisation and register layout)."""
-    import pytest
     pytest.importorskip("triton")
     from tools import scan_regs
     import models.scan_triton as st
@@ -149,9 +147,66 @@ def test_stem_only_times_both_tokenizers(tmp_path, capsys):
 
 
 def test_stem_only_needs_a_gpu_without_cpu_smoke(capsys):
-    import pytest
     import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert benchmark.main(["--stem_only"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_cpu_smoke_keeps_the_flags_it_is_given(tmp_path):
+    """--cpu_smoke picks tiny defaults only for what is not given: batch sizes, steps, warmup and depth pass on."""
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--cpu_smoke", "--batch_sizes", "4", "6", "--steps", "1", "--warmup", "0", "--depth", "1",
+                           "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [(r["batch_size"], r["depth"], r["width"]) for r in data["rows"]] == [(4, 1, 16), (6, 1, 16)]
+    assert (data["meta"]["steps"], data["meta"]["warmup"]) == (1, 0)
+
+
+@pytest.mark.slow
+def test_cpu_smoke_compiles_with_compile(tmp_path):
+    """Patches of 8 and one layer: the CPU's reference scan is a loop over the tokens that the compiler unrolls."""
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--cpu_smoke", "--compile", "--stem", "patch", "--depth", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["compiled"] is True and row["images_per_s"] > 0 and "error" not in row
+
+
+def test_bad_numbers_and_unusable_scans_are_one_line_errors(capsys):
+    import torch
+    cases = [(["--steps", "0"], "--steps out of range"), (["--warmup", "-1"], "--warmup out of range"),
+             (["--batch_sizes", "8", "0"], "--batch_sizes out of range"), (["--depth", "0"], "--depth out of range")]
+    if not torch.cuda.is_available():
+        cases.append((["--scan", "triton"], "--scan triton needs a CUDA device"))
+    for flags, message in cases:
+        assert benchmark.main(["--cpu_smoke", *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (flags, err)
+
+
+def test_gpu_rows_pair_each_variant_with_its_vit(tmp_path, monkeypatch, capsys):
+    """The GPU table (a mocked GPU and mocked timings): every arch x patch size x batch gets a Vision Mamba row and,
+    unless --no_vit, a ViT row of the same shape, the Mamba's images/s as a ratio to it."""
+    monkeypatch.setattr(benchmark.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(benchmark.torch.cuda, "get_device_name", lambda *a: "mock GPU")
+    calls = []
+
+    def fake_row(kind, arch, width, depth, patch, batch, args, device):
+        calls.append((kind, arch, width, depth, patch, batch))
+        return dict(model=kind, arch=arch, tokens=(32 // patch) ** 2 + 1, batch_size=batch, peak_mem_gib=1.0,
+                    images_per_s=1000.0 if kind == "vim" else 4000.0, scan=None if kind == "vit" else "ref")
+    monkeypatch.setattr(benchmark, "run_row", fake_row)
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--archs", "mamba_small", "--batch_sizes", "128", "512", "--depth", "3",
+                           "--json", str(out)]) == 0
+    assert calls == [(k, "mamba_small", 384, 3, 2, b) for b in (128, 512) for k in ("vim", "vit")]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r.get("ratio_to_vit") for r in rows] == [0.25, None, 0.25, None]
+    assert "0.25" in capsys.readouterr().out
+    calls.clear()
+    assert benchmark.main(["--archs", "mamba_tiny", "mamba_small", "--batch_sizes", "64", "--stem", "patch",
+                           "--patch_sizes", "4", "2", "--no_vit", "--json", str(out)]) == 0
+    assert calls == [("vim", a, w, d, p, 64) for a, w, d in (("mamba_tiny", 192, 24), ("mamba_small", 384, 24))
+                     for p in (4, 2)]
+    assert all("ratio_to_vit" not in r for r in json.loads(out.read_text())["rows"])

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.bimamba import causal_conv1d_available  # noqa: E402
 from models.scan import SCAN_CHOICES, resolve_scan  # noqa: E402
-from models.vim import ConvStem, build_model, vim_config  # noqa: E402
+from models.vim import VARIANTS, ConvStem, build_model, vim_config  # noqa: E402
 from training.data import MEAN_STD  # noqa: E402
 from training.engine import set_backend_flags  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
@@ -279,12 +279,14 @@ def parse_launch(items):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--archs", nargs="+", default=["mamba_tiny", "mamba_small"])
-    p.add_argument("--batch_sizes", nargs="+", type=int, default=[128, 1024])
+    # None: a default that depends on the mode (GPU rows, or --cpu_smoke's tiny run); see below
+    p.add_argument("--archs", nargs="+", default=None, choices=list(VARIANTS),
+                   help="default mamba_tiny mamba_small (--cpu_smoke: mamba_tiny at width 16)")
+    p.add_argument("--batch_sizes", nargs="+", type=int, default=None, help="default 128 1024 (--cpu_smoke: 8)")
     p.add_argument("--patch_sizes", nargs="+", type=int, default=None,
                    help="patch sizes; with --stem conv, the stem's strides (2 or 4). Default as in training: 2 with "
                         "the conv stem, 4 with patches")
-    p.add_argument("--depth", type=int, default=None, help="override the variants' depth")
+    p.add_argument("--depth", type=int, default=None, help="override the variants' depth (--cpu_smoke: 2)")
     p.add_argument("--stem", default="conv", choices=("patch", "conv"),
                    help="the Vision Mamba's tokenizer (default conv, as training from scratch)")
     p.add_argument("--scan", default="auto", choices=SCAN_CHOICES)
@@ -294,10 +296,11 @@ def main(argv=None):
     p.add_argument("--no_vit", action="store_true", help="skip the ViT comparison")
     p.add_argument("--no_cudnn_benchmark", action="store_true",
                    help="leave cuDNN's autotuner off (training turns it on unless --deterministic), for an A/B")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row, default 20 (--cpu_smoke: 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first, default 5 (--cpu_smoke: 1)")
     p.add_argument("--json", default=None, help="write the rows here")
-    p.add_argument("--cpu_smoke", action="store_true", help="tiny shapes on the CPU (CI)")
+    p.add_argument("--cpu_smoke", action="store_true",
+                   help="a tiny run on the CPU (CI), without the ViT; the flags above still apply where given")
     p.add_argument("--scan_only", nargs="*", default=None, metavar="BACKEND",
                    help="time only the selective scan (fwd+bwd, both directions, D=768) for these backends")
     p.add_argument("--stem_only", action="store_true",
@@ -312,7 +315,20 @@ def main(argv=None):
                    help="run the Triton scan with these launch shapes instead of models/scan_triton.py's, e.g. "
                         "BWD_CONFIG_NARROW=32,2,1,step,decay (a step-level A/B of --scan_sweep's findings)")
     args = p.parse_args(argv)
+    smoke = args.cpu_smoke
+    given_arch = args.archs is not None
+    if not given_arch:
+        args.archs = ["mamba_tiny"] if smoke else ["mamba_tiny", "mamba_small"]
+    args.batch_sizes = args.batch_sizes or ([8] if smoke else [128, 1024])
+    args.steps = (2 if smoke else 20) if args.steps is None else args.steps
+    args.warmup = (1 if smoke else 5) if args.warmup is None else args.warmup
     args.compile = args.compile or args.compile_mode is not None
+    in_range = {"--batch_sizes": min(args.batch_sizes) >= 1, "--steps": args.steps >= 1, "--warmup": args.warmup >= 0,
+                "--depth": args.depth is None or args.depth >= 1}
+    if not all(in_range.values()):
+        print(f"benchmark.py: error: {', '.join(k for k, ok in in_range.items() if not ok)} out of range (batch "
+              f"sizes, steps and depth at least 1, warmup at least 0)", file=sys.stderr)
+        return 2
     try:
         launch = parse_launch(args.launch)
     except ValueError as e:
@@ -344,7 +360,7 @@ def main(argv=None):
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     if args.stem_only:
         if args.cpu_smoke:  # one pass of each eager tokenizer on a tiny batch
-            rows = stem_bench(["mamba_tiny"], [4], device, reps=1, warmup=1, compile_too=False)
+            rows = stem_bench(args.archs, args.batch_sizes, device, reps=1, warmup=1, compile_too=False)
         else:
             rows = stem_bench(args.archs, args.batch_sizes, device)
         if args.json:
@@ -360,12 +376,17 @@ def main(argv=None):
         print(f"benchmark.py: error: --stem conv takes --patch_sizes 2 or 4 (its stride), got {args.patch_sizes}",
               file=sys.stderr)
         return 2
+    try:
+        resolve_scan(args.scan, device)
+    except ValueError as e:
+        print(f"benchmark.py: error: {e}", file=sys.stderr)
+        return 2
     if args.cpu_smoke:
-        shapes = [("mamba_tiny", 16, 2)]
-        args.batch_sizes, args.steps, args.warmup, args.no_vit = [8], 2, 1, True
+        args.no_vit = True  # a compiled ViT would take the CPU minutes to build
         if args.stem == "patch" and not explicit_patch:  # fewer tokens for the CPU; the conv stem keeps its stride
             args.patch_sizes = [8]
-        args.scan = "ref"
+    if args.cpu_smoke and not given_arch:
+        shapes = [("mamba_tiny", 16, args.depth or 2)]
     else:
         shapes = [(a, vim_config(a).embed_dim, args.depth or vim_config(a).depth) for a in args.archs]
     rows = []
