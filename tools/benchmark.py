@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.bimamba import causal_conv1d_available  # noqa: E402
 from models.scan import SCAN_CHOICES, resolve_scan  # noqa: E402
 from models.vim import VARIANTS, ConvStem, build_model, vim_config  # noqa: E402
+from training.config import DEFAULT_PATCH_SIZE  # noqa: E402
 from training.data import MEAN_STD  # noqa: E402
 from training.engine import set_backend_flags  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
@@ -315,13 +316,12 @@ def main(argv=None):
                    help="run the Triton scan with these launch shapes instead of models/scan_triton.py's, e.g. "
                         "BWD_CONFIG_NARROW=32,2,1,step,decay (a step-level A/B of --scan_sweep's findings)")
     args = p.parse_args(argv)
-    smoke = args.cpu_smoke
     given_arch = args.archs is not None
     if not given_arch:
-        args.archs = ["mamba_tiny"] if smoke else ["mamba_tiny", "mamba_small"]
-    args.batch_sizes = args.batch_sizes or ([8] if smoke else [128, 1024])
-    args.steps = (2 if smoke else 20) if args.steps is None else args.steps
-    args.warmup = (1 if smoke else 5) if args.warmup is None else args.warmup
+        args.archs = ["mamba_tiny"] if args.cpu_smoke else ["mamba_tiny", "mamba_small"]
+    args.batch_sizes = args.batch_sizes or ([8] if args.cpu_smoke else [128, 1024])
+    args.steps = (2 if args.cpu_smoke else 20) if args.steps is None else args.steps
+    args.warmup = (1 if args.cpu_smoke else 5) if args.warmup is None else args.warmup
     args.compile = args.compile or args.compile_mode is not None
     in_range = {"--batch_sizes": min(args.batch_sizes) >= 1, "--steps": args.steps >= 1, "--warmup": args.warmup >= 0,
                 "--depth": args.depth is None or args.depth >= 1}
@@ -370,8 +370,8 @@ def main(argv=None):
                 json.dump({"meta": meta, "stem_rows": rows}, f, indent=1)
         return 0
     explicit_patch = args.patch_sizes is not None
-    if not explicit_patch:  # training's defaults (training/config.py)
-        args.patch_sizes = [2] if args.stem == "conv" else [4]
+    if not explicit_patch:
+        args.patch_sizes = [DEFAULT_PATCH_SIZE[args.stem]]  # as training
     if args.stem == "conv" and not set(args.patch_sizes) <= set(ConvStem.STRIDES):
         print(f"benchmark.py: error: --stem conv takes --patch_sizes 2 or 4 (its stride), got {args.patch_sizes}",
               file=sys.stderr)

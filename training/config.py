@@ -10,6 +10,8 @@ from models.vim import VARIANTS, ConvStem
 from models.scan import SCAN_CHOICES
 
 DATASETS = {"cifar10": 10, "cifar100": 100}
+# --patch_size left out, by stem (the conv stem's is its stride): 2 won the 40-epoch token ablation (README, Results)
+DEFAULT_PATCH_SIZE = {"conv": 2, "patch": 4}
 
 
 class UsageError(Exception):
@@ -145,9 +147,8 @@ def parse_config(argv=None):
         args.stem = "patch" if (args.pretrained or args.patch_size is not None) else "conv"
     if args.stem == "conv":
         _check(not args.pretrained, "--stem conv trains from scratch; official checkpoints (--pretrained) use patches")
-        # --patch_size is the stem's stride here: 2 (256 tokens at 32x32, as patch 2) or 4 (64, as patch 4); 2 won
-        # the 40-epoch token ablation by about 2 points at 2.8x the time (README, Results)
-        args.patch_size = 2 if args.patch_size is None else args.patch_size
+        # --patch_size is the stem's stride here: 2 (256 tokens at 32x32, as patch 2) or 4 (64, as patch 4)
+        args.patch_size = DEFAULT_PATCH_SIZE["conv"] if args.patch_size is None else args.patch_size
         _check(args.patch_size in ConvStem.STRIDES,
                f"--stem conv takes --patch_size 2 or 4 (its stride), got {args.patch_size}")
         args.input_size = 32 if args.input_size is None else args.input_size
@@ -159,7 +160,7 @@ def parse_config(argv=None):
         _check(args.input_size is None or args.input_size > 0, "--input_size must be positive")
     else:
         args.input_size = 32 if args.input_size is None else args.input_size
-        args.patch_size = 4 if args.patch_size is None else args.patch_size
+        args.patch_size = DEFAULT_PATCH_SIZE["patch"] if args.patch_size is None else args.patch_size
         _check(args.input_size > 0 and args.patch_size > 0 and args.input_size % args.patch_size == 0,
                f"--patch_size must divide --input_size ({args.input_size}), e.g. 1, 2, 4, 8, 16, 32 at 32")
     _check(args.clip_grad >= 0 and args.min_lr >= 0 and args.warmup_lr >= 0,
