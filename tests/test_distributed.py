@@ -19,6 +19,19 @@ RUNNER = textwrap.dedent("""
     from training import distributed as ddp
     from training.config import parse_config
     from training.engine import Run
+
+    def leave(run):
+        # Everything the tests read is written: leave without the interpreter's shutdown. A gloo worker thread can
+        # still be dropping its last collective (tensors with Python objects) when the interpreter shuts down; it
+        # then takes the GIL, is ended inside C++ code, and the process aborts with "terminate called without an
+        # active exception" (rare, seen in CI; gdb: ~AsyncAllgatherWork -> take_gil -> pthread_exit while
+        # Py_FinalizeEx runs). Destroying the group first does not prevent it: its worker threads stay.
+        run.log.close()
+        ddp.cleanup()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
     cfg = parse_config(sys.argv[1:])
     os.makedirs(cfg.save_dir, exist_ok=True)
     run = Run(cfg)
@@ -37,15 +50,12 @@ RUNNER = textwrap.dedent("""
             run.fit()
     except Exception as e:
         print("STOPPED", type(e).__name__, run.pos.epoch, run.pos.step_in_epoch)
-        ddp.cleanup()
-        sys.exit(0)
+        leave(run)
     torch.save(run.model.state_dict(), os.path.join({out!r}, f"rank{{run.rank}}_of_{{run.world}}.pt"))
     if run.ema is not None:
         torch.save(run.ema.module.state_dict(), os.path.join({out!r}, f"ema_rank{{run.rank}}_of_{{run.world}}.pt"))
     print("LOG", run.log.log_path if run.is_main else "")
-    # as train() does: a gloo process group left alive at exit can abort the process ("terminate called without an
-    # active exception") while its threads are torn down
-    ddp.cleanup()
+    leave(run)
 """)
 
 
