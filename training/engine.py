@@ -549,5 +549,6 @@ def train(cfg):
                     run.log.close()
         return 0
     finally:
-        # a gloo/NCCL process group left alive at exit can abort the process as its threads are torn down
+        # as PyTorch asks before exit (NCCL's threads stop here); gloo's can still race the interpreter's shutdown
+        # on the CPU, rarely (README, Several GPUs)
         ddp.cleanup()

@@ -1,4 +1,5 @@
 """The run's log: one readable line per epoch that `tail -f` follows, and a .jsonl of the same records."""
+import collections
 import json
 import os
 import sys
@@ -15,7 +16,8 @@ class RunLog:
 
     def __init__(self, log_path, jsonl_path, enabled=True, echo=True):
         self.log_path, self.jsonl_path, self.enabled, self.echo = log_path, jsonl_path, enabled, echo
-        self._epoch_ends = []  # monotonic times of this process's epoch lines, for the time left
+        # monotonic times of this process's last 6 epoch lines (5 intervals), for the time left
+        self._epoch_ends = collections.deque(maxlen=6)
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
             self._log = open(log_path, "a", buffering=1)
@@ -47,7 +49,7 @@ class RunLog:
     def _time_left(self, epochs_left):
         """' | left 1h05m': the epochs left at the mean pace of this process's last 5 whole epochs, from one epoch
         line to the next (checkpoint writes included; the first epoch, which compiles, has no earlier line)."""
-        ends = self._epoch_ends[-6:]
+        ends = self._epoch_ends
         if epochs_left <= 0 or len(ends) < 2:
             return ""
         seconds = round(epochs_left * (ends[-1] - ends[0]) / (len(ends) - 1))
