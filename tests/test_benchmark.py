@@ -36,25 +36,40 @@ def test_scan_timings_need_a_gpu(capsys):
     import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    for flags in (["--scan_only", "triton"], ["--scan_sweep"]):
-        assert benchmark.main(flags) == 2
-        assert "need a CUDA GPU" in capsys.readouterr().err
+    assert benchmark.main(["--scan_only", "triton"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_scan_lengths_reach_the_scan_timings(monkeypatch, capsys):
-    """--scan_lengths sets the sequence lengths of --scan_sweep and --scan_only (each keeps its own default without
-    it); a length below 1 is a one-line error, exit 2."""
+def test_scan_lengths_and_chunks_reach_the_scan_timings(monkeypatch, capsys):
+    """--scan_lengths and --chunks reach --scan_only's timings (its own lengths without them); a value below 1 is a
+    one-line error, exit 2."""
     seen = []
     monkeypatch.setattr(benchmark.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(benchmark, "scan_sweep", lambda batches, **kw: seen.append(("sweep", kw)) or [])
-    monkeypatch.setattr(benchmark, "scan_bench", lambda backends, batches, **kw: seen.append(("only", kw)) or [])
-    assert benchmark.main(["--scan_sweep", "--scan_lengths", "257"]) == 0
-    assert benchmark.main(["--scan_only", "triton", "--scan_lengths", "65", "129"]) == 0
-    assert benchmark.main(["--scan_sweep"]) == 0
-    assert seen == [("sweep", {"lengths": (257,)}), ("only", {"lengths": (65, 129)}), ("sweep", {})]
-    assert benchmark.main(["--scan_sweep", "--scan_lengths", "0"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--scan_lengths must be positive" in err
+    monkeypatch.setattr(benchmark, "scan_bench", lambda backends, batches, **kw: seen.append((backends, kw)) or [])
+    assert benchmark.main(["--scan_only", "triton", "--scan_lengths", "65", "129", "--chunks", "2", "3"]) == 0
+    assert benchmark.main(["--scan_only"]) == 0
+    assert seen == [(["triton"], {"lengths": (65, 129), "chunks": [2, 3]}), (["cuda", "triton"], {"chunks": None})]
+    for flag in ("--scan_lengths", "--chunks"):
+        assert benchmark.main(["--scan_only", "triton", flag, "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{flag} must be positive" in err
+
+
+def test_scan_floors_count_exponentials_and_bytes():
+    """One call's floors: B*D*L*N exponentials at 16 per clock per SM; 4 (forward) and 7 (backward) bf16 (B, L, D)
+    tensors plus B and C through memory."""
+    f = benchmark.scan_floors(batch=2, length=4, dim=8, state=2, sms=1, clock_hz=1e3, bytes_per_s=1e3)
+    assert f["exp_ms"] == 2 * 8 * 4 * 2 / 16 / 1e3 * 1e3
+    act, bc = 2 * 4 * 8 * 2, 2 * 4 * 2 * 2
+    assert f["fwd_mem_ms"] == (4 * act + 2 * bc) and f["bwd_mem_ms"] == (7 * act + 6 * bc)
+
+
+def test_triton_rows_per_chunk_length():
+    pytest.importorskip("triton")
+    rows = benchmark._backends(["cuda", "triton", "ref"], [2, 4])
+    assert [(label, chunk) for label, _, chunk in rows] == [("cuda", None), ("triton/2", 2), ("triton/4", 4),
+                                                           ("ref", None)]
+    assert [label for label, _, _ in benchmark._backends(["triton"], None)] == ["triton"]
 
 
 def test_stem_and_patch_sizes_default_as_in_training(tmp_path):
@@ -75,65 +90,41 @@ def test_conv_stem_refuses_other_strides(capsys):
     assert err.count("\n") == 1 and "--stem conv takes --patch_sizes 2 or 4" in err
 
 
-def test_launch_shapes_are_parsed_checked_and_applied(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("triton")
-    import models.scan_triton as st
-    for name in benchmark.LAUNCH_NAMES:
-        monkeypatch.setattr(st, name, getattr(st, name))  # restored after the test
-    out = tmp_path / "bench.json"
-    assert benchmark.main(["--cpu_smoke", "--json", str(out), "--launch", "BWD_CONFIG_NARROW=32,2,1,step,decay",
-                           "FWD_CONFIG=64,4,2", "BWD_CONFIG=64,1,1,step,super4"]) == 0
-    assert st.BWD_CONFIG_NARROW == dict(BLOCK_D=32, BLOCK_L=2, num_warps=1, CACHE_STEP=True, CACHE_DECAY=True,
-                                        DBC_PARTIALS=False, SUPER=1, PREFETCH=False)
-    assert st.BWD_CONFIG == dict(BLOCK_D=64, BLOCK_L=1, num_warps=1, CACHE_STEP=True, CACHE_DECAY=False,
-                                 DBC_PARTIALS=False, SUPER=4, PREFETCH=False)
-    assert st.FWD_CONFIG == dict(BLOCK_D=64, BLOCK_L=4, num_warps=2)
-    assert json.loads(out.read_text())["meta"]["launch"]["BWD_CONFIG_NARROW"]["CACHE_STEP"] is True
-    assert benchmark.parse_launch(["BWD_CONFIG=64,1,1,prefetch"])["BWD_CONFIG"]["PREFETCH"] is True
-    capsys.readouterr()
-    for bad in ("BWD=32,2,1", "FWD_CONFIG=32,2", "FWD_CONFIG=32,3,1", "FWD_CONFIG=32,2,1,step", "BWD_CONFIG=a,2,1",
-                "BWD_CONFIG=32,2,1,fast", "BWD_CONFIG=32,2,1,super0", "BWD_CONFIG=32,2,1,super2,super4",
-                "FWD_CONFIG=32,2,1,super2", "BWD_CONFIG=32,2,1,prefetch", "BWD_CONFIG=32,1,1,prefetch,super2",
-                "FWD_CONFIG=32,1,1,prefetch"):
-        assert benchmark.main(["--cpu_smoke", "--launch", bad]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and bad in err
-
-
 def test_scan_regs_compiles_for_a_gpu_without_one(tmp_path, capsys):
-    """tools/scan_regs.py: the Triton kernels compiled for sm_90 here, registers and spills read from the cubin."""
+    """tools/scan_regs.py: the Triton kernels compiled for sm_90 here, registers and spills read from the cubin; the
+    configured chunk length is restored afterwards."""
     pytest.importorskip("triton")
     from tools import scan_regs
+    import models.scan_triton as st
+    chunk = st.CHUNK
     out = tmp_path / "regs.json"
-    assert scan_regs.main(["--launch", "FWD_CONFIG=16,2,1", "BWD_CONFIG_NARROW=16,2,1",
-                           "BWD_CONFIG_NARROW=16,2,1,step,super2", "--json", str(out)]) == 0
+    assert scan_regs.main(["--chunks", "1", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["name"] for r in rows] == ["FWD_CONFIG", "BWD_CONFIG_NARROW", "BWD_CONFIG_NARROW"]  # both shapes kept
-    assert rows[1]["SUPER"] == 1 and rows[2]["SUPER"] == 2 and rows[2]["CACHE_STEP"] is True and rows[2]["arch"] == 90
-    assert all(0 < r["regs"] <= 255 and r["stack_bytes"] >= 0 for r in rows)
-    assert capsys.readouterr().out.count("regs") == 3
-    assert scan_regs.main(["--launch", "FWD_CONFIG=16,2,1,super2"]) == 2  # SUPER is the backward's
+    assert [(r["kernel"], r["chunk"]) for r in rows] == [("fwd", None), ("bwd", 1), ("bwd", 2)]
+    assert all(0 < r["regs"] <= 255 and r["stack_bytes"] >= 0 and r["arch"] == 90 for r in rows)
+    assert capsys.readouterr().out.count("regs") == 3 and st.CHUNK == chunk
+    assert scan_regs.main(["--chunks", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "scan_regs.py: error: --launch" in err
+    assert err.count("\n") == 1 and "--chunks must be positive" in err
 
 
 def test_scan_regs_compiles_the_models_launch():
     """The compiled case is the launch the model makes: its (B, L, D) activations seen as (B, D, L) views have unit
-    channel strides, which Triton's launcher turns into constants (they decide vectorisation and register layout)."""
+    channel strides, which Triton's launcher turns into constants, and B and C are read as packed bf16 words."""
     pytest.importorskip("triton")
     from tools import scan_regs
     import models.scan_triton as st
-    for kind, kernel, cfg in (("fwd", st._fwd_kernel, st.FWD_CONFIG), ("bwd", st._bwd_kernel, st.BWD_CONFIG)):
-        grid, args, meta = scan_regs.model_case(kind, cfg)
+    for kind, kernel in (("fwd", st._fwd_kernel), ("bwd", st._bwd_kernel)):
+        grid, args, meta = scan_regs.model_case(kind)
         strides = dict(zip(kernel.arg_names, args))
-        assert grid == (768 // cfg["BLOCK_D"], scan_regs.MODEL_CASE["batch"])
-        assert strides["s_ud"] == strides["s_td"] == strides["s_zd"] == strides["s_od"] == strides["s_Ad"] == 1
+        assert grid == (768 // 32, scan_regs.MODEL_CASE["batch"])
+        assert strides["s_ud"] == strides["s_td"] == strides["s_zd"] == strides["s_od"] == 1
         assert strides["s_Bn"] == strides["s_Cn"] == 1 and strides["s_ul"] == 768
-        assert meta["HAS_Z"] and meta["SOFTPLUS"] and meta["BLOCK_N"] == 16
+        assert meta["HAS_Z"] and meta["SOFTPLUS"] and meta["BLOCK_N"] == 16 and meta["PACKED"]
     # compiled as Triton's launcher specialises that call: unit strides are constants, aligned pointers marked
-    ttir = scan_regs.compile_kernel("fwd", st.FWD_CONFIG_NARROW, 90).asm["ttir"]
+    ttir = scan_regs.compile_kernel("fwd", 90).asm["ttir"]
     signature = ttir[ttir.index("tt.func public @_fwd_kernel"):].split("\n")[0]
-    assert "%s_ul:" in signature and "%s_ud:" not in signature and "%s_Ad:" not in signature
+    assert "%s_ul:" in signature and "%s_ud:" not in signature
     assert "%u_ptr: !tt.ptr<bf16> {tt.divisibility = 16" in signature
 
 

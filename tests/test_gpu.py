@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 HAS_MAMBA = importlib.util.find_spec("mamba_ssm") is not None
 HAS_CONV = importlib.util.find_spec("causal_conv1d") is not None
 BACKENDS = [pytest.param("cuda", marks=pytest.mark.skipif(not HAS_MAMBA, reason="mamba-ssm not installed")),
-            "triton"]
+            "triton", "triton_v1"]
 # Per-dtype tolerances: bf16 inputs carry ~3 significant digits; the scan itself runs in fp32 everywhere.
 TOL = {torch.float32: dict(rtol=1e-3, atol=1e-3), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 
@@ -135,19 +135,18 @@ def test_cuda_graph_steps_equal_compiled_steps(monkeypatch, amp):
     from training.engine import cuda_graph_skips
     assert cuda_graph_skips() == 0  # the second run replayed CUDA graphs rather than falling back
     assert len(set(loss_b)) == len(loss_b)  # every step saw its own batch and weights
-    if not amp:  # fp32: the same kernels, so the same numbers up to reassociation
-        torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-5)
-        for n in w_a:
-            torch.testing.assert_close(w_b[n], w_a[n], rtol=1e-4, atol=1e-5, msg=n)
-        return
-    # bf16: matrix multiplies captured in a graph may take other cuBLAS kernels, and AdamW turns a tiny gradient
-    # difference near zero into a full-size step, so compare each tensor's whole update instead of its elements
-    # (a graph that missed an optimizer update or replayed a stale batch is off by about its whole update).
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-2, atol=1e-3)
+    # Compare each tensor's whole update, not its elements: AdamW turns a gradient difference near zero into a
+    # full-size step (its first steps move every weight by about lr, whatever the gradient's size), and the two runs'
+    # gradients differ by rounding even in fp32 (cuDNN picks each run's convolution algorithms, the scan adds dB and
+    # dC atomically in any order). A graph that missed an optimizer update or replayed a stale batch is off by about
+    # its whole update. In bf16, matrix multiplies captured in a graph may also take other cuBLAS kernels.
+    tol = dict(rtol=1e-2, atol=1e-3) if amp else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss_b, loss_a, **tol)
     w0 = dict(base.named_parameters())
     for n in w_a:
         update = (w_a[n] - w0[n].detach()).norm()
-        assert (w_b[n] - w_a[n]).norm() <= 0.1 * update + 1e-6, (n, (w_b[n] - w_a[n]).norm().item(), update.item())
+        assert (w_b[n] - w_a[n]).norm() <= (0.1 if amp else 0.02) * update + 1e-6, \
+            (n, (w_b[n] - w_a[n]).norm().item(), update.item())
 
 
 def test_out_of_memory_is_one_line(tmp_path, capsys):
@@ -155,7 +154,7 @@ def test_out_of_memory_is_one_line(tmp_path, capsys):
     512): one stderr line with the batch and the GPU's memory, exit 2, no traceback."""
     from tests.conftest import make_cifar
     import train_mamba_baseline
-    data = make_cifar(str(tmp_path / "d"), n_train=4096, n_test=64)
+    data = make_cifar(str(tmp_path / "d"), n_train=4100, n_test=64)  # 5 batches of 820
     args = ["--arch", "mamba_tiny", "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "4096", "--no_compile",
             "--data_dir", data, "--save_dir", str(tmp_path / "c"), "--log_dir", str(tmp_path / "l"), "--no_progress"]
     try:

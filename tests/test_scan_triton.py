@@ -7,8 +7,8 @@ all run in one child process (this file run as a script) that gets TRITON_INTERP
 imports anything; each case is then checked by its own test here. They are skipped where a GPU exists: there the gpu
 tests run the same cases compiled.
 
-GPU (@pytest.mark.gpu): the same small cases, then model-sized ones (B=64, D=768, N=16, L=65 and 257) in fp32 and bf16
-against the reference and, when mamba-ssm is installed, against its CUDA kernel.
+GPU (@pytest.mark.gpu): the same small cases, then model-sized ones (B=64, D=768, N=16, L=65 and 257, and a batch of 1)
+in fp32 and bf16 against the reference and, when mamba-ssm is installed, against its CUDA kernel.
 """
 import json
 import os
@@ -47,30 +47,17 @@ CASES = [
     _case(2, 24, 16, 17, seed=6, reverse=True),
     _case(1, 8, 4, 6, has_D=False, bias=False, layout="bdl", seed=7, reverse=True),
 ]
-# Interpreter launch shapes: small tiles keep the interpreter fast and still give several channel blocks and chunks.
-INTERPRETER_CONFIG = dict(FWD_CONFIG=dict(BLOCK_D=16, BLOCK_L=4, num_warps=1),
-                          BWD_CONFIG=dict(BLOCK_D=16, BLOCK_L=4, num_warps=1, CACHE_STEP=False, CACHE_DECAY=False))
-# The backward's variants (kept loads, kept exp(delta*A) tiles, the large-batch shape's one-step chunks, dB and dC
-# stored per channel block instead of added atomically), each on cases with a partial chunk, a
-# reverse scan and a missing z.
-CACHED_CONFIGS = {"cache_step": dict(BLOCK_L=4, CACHE_STEP=True, CACHE_DECAY=False),  # chunks of several steps
-                  "cache_decay": dict(BLOCK_L=4, CACHE_STEP=False, CACHE_DECAY=True),
-                  "cache_both": dict(BLOCK_L=4, CACHE_STEP=True, CACHE_DECAY=True),
-                  "wide_steps1": dict(BLOCK_D=64, BLOCK_L=1, CACHE_STEP=True, CACHE_DECAY=False),  # BWD_CONFIG's form
-                  "partials": dict(BLOCK_D=16, BLOCK_L=2, CACHE_STEP=True, DBC_PARTIALS=True),  # dB, dC per block
-                  # boundary states kept every SUPER chunks, a group's chunk starts recomputed (last group partial
-                  # or of one chunk, with a partial last chunk or not)
-                  "super3": dict(BLOCK_D=16, BLOCK_L=2, SUPER=3),
-                  "super4_steps1": dict(BLOCK_D=64, BLOCK_L=1, CACHE_STEP=True, SUPER=4),
-                  # one-step chunks with the next step's loads issued before the current step is computed
-                  "prefetch": dict(BLOCK_D=16, BLOCK_L=1, PREFETCH=True),
-                  "prefetch32": dict(BLOCK_D=32, BLOCK_L=1, PREFETCH=True)}  # the narrow shape in use
-CACHED_CASES = [CASES[2], CASES[4], CASES[8]]
-EXTRA_CASES = {"prefetch": [CASES[0]]}  # L = 1: the prefetching loops' first loads are their only ones
+# The backward's chunk lengths and pass 1's prefetching, each on cases with a partial last chunk, a reverse scan and a
+# missing z (the configured CHUNK runs every case above); bf16 inputs take the packed loads of B and C.
+VARIANTS = {"chunk1": dict(CHUNK=1), "chunk3": dict(CHUNK=3), "chunk5": dict(CHUNK=5),
+            "no_prefetch": dict(PREFETCH=False), "chunk3_no_prefetch": dict(CHUNK=3, PREFETCH=False)}
+VARIANT_CASES = [CASES[2], CASES[4], CASES[8]]
+BF16_CASES = [CASES[2], CASES[8], _case(2, 40, 16, 9, seed=11)]  # (B, L, N) B and C, even N: the packed loads
+EXTRA_CASES = {"chunk5": [CASES[0], CASES[7]]}  # L = 1 and L = 12: one chunk, and a chunk longer than the sequence
 
 
 def variant_cases(variant):
-    return CACHED_CASES + EXTRA_CASES.get(variant, [])
+    return VARIANT_CASES + EXTRA_CASES.get(variant, [])
 
 
 def make_inputs(case, device, dtype=torch.float32):
@@ -125,21 +112,18 @@ def compare(got, want):
     return errors
 
 
-def check_case(case, device, dtype, tol, bwd_flags=None):
-    """bwd_flags: the backward's launch shape and switches to use instead of the configured ones (every launch shape;
-    the configured switches are dropped, so a variant is tested as written whatever the defaults are)."""
+def check_case(case, device, dtype, tol, variant=None):
+    """variant: models/scan_triton.py settings (CHUNK, PREFETCH) to use instead of the configured ones."""
     import models.scan_triton as st
     inputs = make_inputs(case, device, dtype)
-    saved = {k: getattr(st, k) for k in ("BWD_CONFIG", "BWD_CONFIG_NARROW")}
+    saved = {k: getattr(st, k) for k in (variant or {})}
     try:
-        for name, cfg in saved.items():
-            if bwd_flags is not None:
-                cfg = dict({k: v for k, v in cfg.items() if k not in st.BWD_FLAGS}, **bwd_flags)
-            setattr(st, name, cfg)
+        for k, v in (variant or {}).items():
+            setattr(st, k, v)
         got = run_scan(st.selective_scan_triton, inputs, case["softplus"], case["reverse"])
     finally:
-        for name, cfg in saved.items():
-            setattr(st, name, cfg)
+        for k, v in saved.items():
+            setattr(st, k, v)
     want = run_scan(selective_scan_ref, inputs, case["softplus"], case["reverse"])
     errors = compare(got, want)
     bad = {k: v for k, v in errors.items() if not v <= tol}
@@ -174,15 +158,15 @@ def check_model(compiled):
 def _child_main(out_path):
     """Runs every case under the interpreter (this process has TRITON_INTERPRET=1) and writes the results."""
     import traceback
-    import models.scan_triton as st
-    for name, cfg in INTERPRETER_CONFIG.items():
-        setattr(st, name, cfg)
     results = {}
     checks = [(case["id"], lambda case=case: check_case(case, "cpu", torch.float32, tol=1e-4)) for case in CASES]
+    # bf16 with B and C read two per 32-bit word, as the model's x_proj output is stored
+    checks += [(f"bf16-{case['id']}", lambda case=case: check_case(case, "cpu", torch.bfloat16, tol=2e-2))
+               for case in BF16_CASES]
     checks += [("model_eager", lambda: check_model(compiled=False)), ("model_compiled", lambda: check_model(True))]
-    for variant, flags in CACHED_CONFIGS.items():
+    for variant, settings in VARIANTS.items():
         checks += [(f"{variant}-{case['id']}",
-                    lambda case=case, flags=flags: check_case(case, "cpu", torch.float32, tol=1e-4, bwd_flags=flags))
+                    lambda case=case, settings=settings: check_case(case, "cpu", torch.float32, 1e-4, settings))
                    for case in variant_cases(variant)]
     for name, check in checks:
         try:
@@ -220,48 +204,48 @@ def test_interpreted_model_matches_reference(check, interpreted_results):
     assert failure is None, failure
 
 
-CACHED_IDS = [f"{variant}-{case['id']}" for variant in CACHED_CONFIGS for case in variant_cases(variant)]
+@pytest.mark.parametrize("case", BF16_CASES, ids=[c["id"] for c in BF16_CASES])
+def test_interpreted_bf16_matches_reference(case, interpreted_results):
+    failure = interpreted_results[f"bf16-{case['id']}"]
+    assert failure is None, failure
 
 
-@pytest.mark.parametrize("check", CACHED_IDS)
-def test_interpreted_cached_backward_matches_reference(check, interpreted_results):
+VARIANT_IDS = [f"{variant}-{case['id']}" for variant in VARIANTS for case in variant_cases(variant)]
+
+
+@pytest.mark.parametrize("check", VARIANT_IDS)
+def test_interpreted_variants_match_reference(check, interpreted_results):
     failure = interpreted_results[check]
     assert failure is None, failure
 
 
-def test_prefetch_needs_one_step_chunks():
-    """The prefetching backward is written for one-step chunks without groups: other shapes are refused."""
+def test_packed_loads_only_where_they_read_the_right_values():
+    """B and C are read two bf16 per 32-bit word only when each step's values are contiguous and the words aligned,
+    with an even number of states."""
     pytest.importorskip("triton")
     import models.scan_triton as st
-    x = make_inputs(_case(1, 8, 4, 6), "cpu")
-    for cfg in (dict(BLOCK_D=16, BLOCK_L=2, num_warps=1, PREFETCH=True),
-                dict(BLOCK_D=16, BLOCK_L=1, num_warps=1, SUPER=2, PREFETCH=True)):
-        with pytest.raises(ValueError, match="PREFETCH needs BLOCK_L=1 and SUPER=1"):
-            st._backward_launch(cfg, x["dout"], x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
-                                x["delta_bias"], True, False)
+    x = torch.zeros(2, 9, 24 + 32, dtype=torch.bfloat16)  # x_proj's output: dt, B, C side by side
+    B, C = x[..., 24:40].transpose(1, 2), x[..., 40:].transpose(1, 2)
+    assert st._packed(B, C)
+    assert not st._packed(B.float(), C.float())
+    assert not st._packed(B.contiguous(), C.contiguous())           # (B, N, L): a step's values are L apart
+    assert not st._packed(x[..., 25:41].transpose(1, 2), C)         # a word would straddle two values
+    assert not st._packed(x[..., 24:39].transpose(1, 2), x[..., 39:54].transpose(1, 2))  # 15 states
 
 
-def test_launch_shapes_follow_the_number_of_programs(monkeypatch):
-    """Wide channel blocks only when the batch gives every SM enough programs; the interpreter takes FWD_CONFIG."""
+def test_too_many_states_is_refused():
     pytest.importorskip("triton")
-    import types
-    import models.scan_triton as st
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
-        multi_processor_count=132))
-
-    def u(batch, dim, cuda=True):
-        return types.SimpleNamespace(is_cuda=cuda, shape=(batch, dim, 65), device=None)
-    wide, narrow = st.FWD_CONFIG, st.FWD_CONFIG_NARROW
-    assert wide["BLOCK_D"] > narrow["BLOCK_D"]
-    assert st._pick(wide, narrow, u(1024, 768)) is wide        # 12 blocks of 64 channels x 1024 = 93 per SM
-    assert st._pick(wide, narrow, u(128, 768)) is narrow       # 12 per SM
-    assert st._pick(wide, narrow, u(128, 768, cuda=False)) is wide
+    from models.scan_triton import selective_scan_triton
+    x = make_inputs(_case(1, 8, 33, 4), "cpu")
+    with pytest.raises(ValueError, match="at most 32 states"):
+        selective_scan_triton(x["u"], x["delta"], x["A"], x["B"], x["C"])
 
 
 # ---------------------------------------------------------------- GPU, compiled
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-MODEL_CASES = [_case(64, 768, 16, L, seed=10 + L) for L in (65, 257)] + [_case(64, 768, 16, 65, seed=9, reverse=True)]
+MODEL_CASES = [_case(64, 768, 16, L, seed=10 + L) for L in (65, 257)] + [_case(64, 768, 16, 65, seed=9, reverse=True),
+                                                                         _case(1, 768, 16, 257, seed=8, reverse=True)]
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 
 
@@ -274,10 +258,10 @@ def test_gpu_small_cases(case):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("variant", CACHED_CONFIGS)
-@pytest.mark.parametrize("case", CACHED_CASES + MODEL_CASES[2:], ids=[c["id"] for c in CACHED_CASES + MODEL_CASES[2:]])
-def test_gpu_cached_backward(case, variant):
-    check_case(case, "cuda", torch.float32, tol=1e-4 if case["D"] < 768 else 1e-3, bwd_flags=CACHED_CONFIGS[variant])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", VARIANT_CASES + MODEL_CASES[2:], ids=[c["id"] for c in VARIANT_CASES + MODEL_CASES[2:]])
+def test_gpu_variants(case, variant):
+    check_case(case, "cuda", torch.float32, tol=1e-4 if case["D"] < 768 else 1e-3, variant=VARIANTS[variant])
 
 
 @pytest.mark.gpu

@@ -175,107 +175,82 @@ def stem_bench(archs, batch_sizes, device, reps=50, warmup=10, compile_too=True)
     return rows
 
 
-def scan_bench(backends, batch_sizes, dim=768, state=16, lengths=(65, 257), reps=20):
-    """The selective scan alone, both directions, bf16 inputs like training's.
-    -> rows of dict(backend, batch, length, dim, fwd_ms, ms) where ms is forward+backward."""
+def scan_floors(batch, length, dim, state, sms, clock_hz, bytes_per_s):
+    """Lower bounds on one scan call (one direction, bf16 activations) -> dict of milliseconds:
+    exp_ms: one exponential exp(delta*A) per (batch, channel, step, state), at 16 per clock per SM (the special-function
+            units' rate on sm_80/sm_90); any forward computes each once, and any backward at least once more;
+    fwd_mem_ms: u, delta, z read and the output written once (B, L, D bf16 each), B and C read once;
+    bwd_mem_ms: u, delta, z, dout read and du, ddelta, dz written once, B and C read, dB and dC (fp32) written."""
+    act, bc = batch * length * dim * 2, batch * length * state * 2
+    return dict(exp_ms=batch * dim * length * state / (16 * sms * clock_hz) * 1e3,
+                fwd_mem_ms=(4 * act + 2 * bc) / bytes_per_s * 1e3,
+                bwd_mem_ms=(7 * act + 2 * bc + 4 * bc) / bytes_per_s * 1e3)
+
+
+def device_ceilings():
+    """-> (SMs, max SM clock in Hz, copy bandwidth in bytes/s) of this GPU: the clock from NVML (the current clock when
+    NVML is missing), the bandwidth measured by a device-to-device copy of 2 GiB (bytes read plus written)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        clock = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM) * 1e6
+    except Exception:
+        clock = torch.cuda.clock_rate() * 1e6
+    src = torch.empty(2**30, dtype=torch.int16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _cuda_ms(lambda: dst.copy_(src), reps=10)
+    return sms, clock, 2 * src.numel() * 2 / (ms / 1e3)
+
+
+def _backends(backends, chunks):
+    """-> [(label, scan function, chunk)]: each backend, and the triton backend once per chunk length when given."""
     from models.scan import get_scan_fn
+    out = []
+    for backend in backends:
+        for chunk in (chunks or [None]) if backend == "triton" else [None]:
+            out.append((backend if chunk is None else f"triton/{chunk}", get_scan_fn(backend), chunk))
+    return out
+
+
+def scan_bench(backends, batch_sizes, dim=768, state=16, lengths=(65, 257), reps=20, chunks=None):
+    """The selective scan alone, both directions, bf16 inputs like training's, each call's time beside its floors
+    (``scan_floors``); chunks: backward chunk lengths to time the triton backend at (models/scan_triton.py's CHUNK).
+    -> rows of dict(backend, batch, length, dim, fwd_ms, ms, bwd_ms, floors) where ms is forward+backward of both
+    directions."""
+    import models.scan_triton as st
+    sms, clock, bandwidth = device_ceilings()
+    print(f"ceilings: {sms} SMs at {clock / 1e9:.2f} GHz (exp: {16 * sms * clock / 1e12:.2f} T/s), "
+          f"copy {bandwidth / 1e12:.2f} TB/s (read + written)")
     rows = []
     for length in lengths:
         for batch in batch_sizes:
             inputs = _scan_inputs(batch, length, dim, state)
-            for backend in backends:
+            floors = scan_floors(batch, length, dim, state, sms, clock, bandwidth)
+            for backend, fn, chunk in _backends(backends, chunks):
+                saved = st.CHUNK
+                st.CHUNK = chunk or saved
                 try:
-                    ms_fwd, ms = _time_scan(get_scan_fn(backend), inputs, reps)
+                    ms_fwd, ms = _time_scan(fn, inputs, reps)
                 except Exception as e:
                     ms_fwd = ms = None
                     print(f"  scan {backend} failed: {type(e).__name__}: {str(e)[:200]}")
-                rows.append(dict(backend=backend, batch=batch, length=length, dim=dim, fwd_ms=ms_fwd, ms=ms))
-                print(f"scan {backend:<7} batch {batch:>5} L {length:>4} D {dim}: "
-                      f"{'-' if ms is None else f'{ms_fwd:.2f} ms fwd, {ms:.2f} ms fwd+bwd'}, both directions",
-                      flush=True)
+                finally:
+                    st.CHUNK = saved
+                row = dict(backend=backend, batch=batch, length=length, dim=dim, fwd_ms=ms_fwd, ms=ms,
+                           bwd_ms=None if ms is None else ms - ms_fwd, floors=floors)
+                rows.append(row)
+                if ms is None:
+                    continue
+                fwd, bwd = ms_fwd / 2, row["bwd_ms"] / 2  # per call (one direction)
+                fwd_floor = max(floors["exp_ms"], floors["fwd_mem_ms"])
+                bwd_floor = max(floors["exp_ms"], floors["bwd_mem_ms"])
+                print(f"scan {backend:<9} batch {batch:>5} L {length:>4} D {dim}: per call forward {fwd:.3f} ms "
+                      f"({fwd / fwd_floor:.1f}x its floor {fwd_floor:.3f}), backward {bwd:.3f} ms "
+                      f"({bwd / bwd_floor:.1f}x its floor {bwd_floor:.3f}); floors: exp {floors['exp_ms']:.3f}, "
+                      f"memory {floors['fwd_mem_ms']:.3f} / {floors['bwd_mem_ms']:.3f}", flush=True)
     return rows
-
-
-def _sweep_shapes():
-    """(kind, config) pairs that --scan_sweep times: launch shapes, and the backward's caching variants."""
-    import itertools
-    for block_d, block_l in itertools.product((32, 64), (4, 8)):
-        yield "fwd", dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=1)
-    for block_d, block_l, (step, decay), partials in itertools.product((16, 32, 64), (1, 2), ((0, 0), (1, 0), (1, 1)),
-                                                                         (False, True)):
-        yield "bwd", dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=1, CACHE_STEP=bool(step), CACHE_DECAY=bool(decay),
-                          DBC_PARTIALS=partials)
-    for block_d, block_l, group in itertools.product((32, 64), (1, 2), (2, 4, 8)):  # fewer boundary states in HBM
-        yield "bwd", dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=1, CACHE_STEP=True, SUPER=group)
-    for block_d in (16, 32, 64):  # one-step chunks, the next step's loads issued before this step's work
-        yield "bwd", dict(BLOCK_D=block_d, BLOCK_L=1, num_warps=1, PREFETCH=True)
-
-
-def scan_sweep(batch_sizes, dim=768, state=16, lengths=(65,), reps=20):
-    """Launch shapes of the Triton scan (block of channels, steps per iteration, warps; for the backward also its
-    caching flags), forward and backward timed separately, each at every batch, with the compiled kernel's registers
-    per thread and spills; the fastest go into models/scan_triton.py's FWD_CONFIG and BWD_CONFIG (large batches) and
-    their _NARROW forms (small ones). -> rows."""
-    import itertools
-    import models.scan_triton as st
-    saved = {k: getattr(st, k) for k in ("FWD_CONFIG", "BWD_CONFIG", "FWD_CONFIG_NARROW", "BWD_CONFIG_NARROW")}
-    rows = []
-    for length, batch in itertools.product(lengths, batch_sizes):
-        inputs = _scan_inputs(batch, length, dim, state)
-        for kind, cfg in _sweep_shapes():
-            for name in ("FWD_CONFIG", "FWD_CONFIG_NARROW") if kind == "fwd" else ("BWD_CONFIG", "BWD_CONFIG_NARROW"):
-                setattr(st, name, cfg)  # this shape at any batch
-            st.LAST_LAUNCH.clear()
-            try:
-                ms_fwd, ms = _time_scan(st.selective_scan_triton, inputs, reps)
-                ms_kind = ms_fwd if kind == "fwd" else ms - ms_fwd
-            except Exception as e:
-                ms_kind = None
-                print(f"  {kind} {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
-            regs = st.LAST_LAUNCH.get(kind, {})
-            rows.append(dict(kind=kind, batch=batch, length=length, dim=dim, **cfg, ms=ms_kind, **regs))
-            flags = " ".join([k for k in ("CACHE_STEP", "CACHE_DECAY", "DBC_PARTIALS", "PREFETCH") if cfg.get(k)] +
-                             ([f"SUPER={cfg['SUPER']}"] if cfg.get("SUPER", 1) > 1 else []))
-            print(f"sweep {kind} batch {batch:>5} L {length:>4} BLOCK_D {cfg['BLOCK_D']:>3} BLOCK_L "
-                  f"{cfg['BLOCK_L']:>2} warps {cfg['num_warps']} {flags or '-':<35}: "
-                  f"{'-' if ms_kind is None else f'{ms_kind:.2f} ms'}  regs {regs.get('regs', '-')} "
-                  f"spills {regs.get('spills', '-')}", flush=True)
-            for name, value in saved.items():
-                setattr(st, name, value)
-    return rows
-
-
-LAUNCH_NAMES = ("FWD_CONFIG", "BWD_CONFIG", "FWD_CONFIG_NARROW", "BWD_CONFIG_NARROW")
-LAUNCH_METAVAR = "NAME=D,L,W[,step][,decay][,partials][,superN][,prefetch]"
-
-
-def parse_launch(items):
-    """["BWD_CONFIG_NARROW=32,2,1,step,decay,super4", "BWD_CONFIG=64,1,1,prefetch", ...]
-    -> {name: launch config of models/scan_triton.py}. Raises ValueError with a one-line message."""
-    configs = {}
-    for item in items:
-        name, _, spec = item.partition("=")
-        parts = spec.split(",")
-        flags = set(parts[3:])
-        groups = [f for f in flags if f.startswith("super") and f[5:].isdigit() and int(f[5:]) >= 1]
-        try:
-            block_d, block_l, warps = (int(x) for x in parts[:3])
-        except ValueError:
-            block_d = None
-        if name not in LAUNCH_NAMES or block_d is None or len(groups) > 1 or \
-                not flags - set(groups) <= ({"step", "decay", "partials", "prefetch"} if "BWD" in name else set()) \
-                or (groups and "BWD" not in name) or any(v < 1 or v & (v - 1) for v in (block_d, block_l, warps)):
-            raise ValueError(f"--launch {item!r}: expected NAME=BLOCK_D,BLOCK_L,WARPS (powers of two) with NAME one "
-                             f"of {', '.join(LAUNCH_NAMES)}, and for a BWD_ name optionally ,step ,decay ,partials "
-                             f",superN ,prefetch")
-        if "prefetch" in flags and (block_l != 1 or any(int(g[5:]) > 1 for g in groups)):
-            raise ValueError(f"--launch {item!r}: prefetch needs one-step chunks (BLOCK_L 1) and no superN")
-        configs[name] = dict(BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
-        if "BWD" in name:
-            configs[name].update(CACHE_STEP="step" in flags, CACHE_DECAY="decay" in flags,
-                                 DBC_PARTIALS="partials" in flags, SUPER=int(groups[0][5:]) if groups else 1,
-                                 PREFETCH="prefetch" in flags)
-    return configs
 
 
 def main(argv=None):
@@ -307,14 +282,10 @@ def main(argv=None):
     p.add_argument("--stem_only", action="store_true",
                    help="time only the tokenizer (patch and conv stem, NCHW and channels-last, eager and compiled; "
                         "forward+backward) at --archs' width and --batch_sizes")
-    p.add_argument("--scan_sweep", action="store_true",
-                   help="time the Triton scan's launch shapes (forward and backward) at 65 tokens")
     p.add_argument("--scan_lengths", nargs="+", type=int, default=None, metavar="TOKENS",
-                   help="sequence lengths for --scan_only (default 65 257) and --scan_sweep (default 65); 257 is the "
-                        "default conv stem's")
-    p.add_argument("--launch", nargs="+", default=[], metavar=LAUNCH_METAVAR,
-                   help="run the Triton scan with these launch shapes instead of models/scan_triton.py's, e.g. "
-                        "BWD_CONFIG_NARROW=32,2,1,step,decay (a step-level A/B of --scan_sweep's findings)")
+                   help="sequence lengths for --scan_only (default 65 257: the two tokenizers' counts)")
+    p.add_argument("--chunks", nargs="+", type=int, default=None, metavar="STEPS",
+                   help="with --scan_only: time the triton backend at each of these backward chunk lengths")
     args = p.parse_args(argv)
     given_arch = args.archs is not None
     if not given_arch:
@@ -329,27 +300,18 @@ def main(argv=None):
         print(f"benchmark.py: error: {', '.join(k for k, ok in in_range.items() if not ok)} out of range (batch "
               f"sizes, steps and depth at least 1, warmup at least 0)", file=sys.stderr)
         return 2
-    try:
-        launch = parse_launch(args.launch)
-    except ValueError as e:
-        print(f"benchmark.py: error: {e}", file=sys.stderr)
-        return 2
     set_backend_flags(deterministic=False)  # as training sets them
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
-    if launch:
-        import models.scan_triton as st
-        for name, cfg in launch.items():
-            setattr(st, name, cfg)
-    if args.scan_lengths is not None and min(args.scan_lengths) < 1:
-        print(f"benchmark.py: error: --scan_lengths must be positive, got {args.scan_lengths}", file=sys.stderr)
-        return 2
-    if args.scan_only is not None or args.scan_sweep:
+    for name in ("scan_lengths", "chunks"):
+        if getattr(args, name) is not None and min(getattr(args, name)) < 1:
+            print(f"benchmark.py: error: --{name} must be positive, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    if args.scan_only is not None:
         if not torch.cuda.is_available():
-            print("benchmark.py: error: --scan_only and --scan_sweep need a CUDA GPU", file=sys.stderr)
+            print("benchmark.py: error: --scan_only needs a CUDA GPU", file=sys.stderr)
             return 2
         lengths = {} if args.scan_lengths is None else {"lengths": tuple(args.scan_lengths)}
-        rows = scan_sweep(args.batch_sizes, **lengths) if args.scan_sweep else \
-            scan_bench(args.scan_only or ["cuda", "triton"], args.batch_sizes, **lengths)
+        rows = scan_bench(args.scan_only or ["cuda", "triton"], args.batch_sizes, chunks=args.chunks, **lengths)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": {"device": torch.cuda.get_device_name()}, "scan_rows": rows}, f, indent=1)
@@ -410,7 +372,7 @@ def main(argv=None):
                     print(f"{r['model']:<6} {arch:<12} {width:>5} {depth:>5} {r['tokens']:>6} {batch:>5} "
                           f"{str(r.get('scan') or 'attn'):<7} {ips:>9} {str(mem):>8} {ratio:>6}", flush=True)
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-                steps=args.steps, warmup=args.warmup, compile_vim=args.compile, launch=launch,
+                steps=args.steps, warmup=args.warmup, compile_vim=args.compile,
                 cudnn_benchmark=torch.backends.cudnn.benchmark)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Where one training step's GPU time goes: torch.profiler over a few steps, the top kernels printed.
 
-    python tools/profile_step.py --arch mamba_small --batch_size 1024 --scan auto
+    python tools/profile_step.py --arch mamba_small --batch_size 512 --compile
+
+The model is tokenized as training tokenizes it from scratch (the conv stem at stride 2: 257 tokens) unless --stem or
+--patch_size say otherwise; the last line gives the selective scan's share of the GPU time.
 """
 import argparse
 import os
@@ -13,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.bimamba import causal_conv1d_available  # noqa: E402
 from models.scan import SCAN_CHOICES, resolve_scan  # noqa: E402
 from models.vim import build_model  # noqa: E402
+from training.config import DEFAULT_PATCH_SIZE  # noqa: E402
 from training.data import MEAN_STD  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 from training.step import TrainStep  # noqa: E402
@@ -22,13 +26,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="mamba_small")
     p.add_argument("--batch_size", type=int, default=1024)
-    p.add_argument("--patch_size", type=int, default=4)
+    p.add_argument("--stem", default="conv", choices=("conv", "patch"), help="the tokenizer (default: training's)")
+    p.add_argument("--patch_size", type=int, default=None,
+                   help="patch size, or the conv stem's stride (default: training's, 2 with the conv stem)")
     p.add_argument("--scan", default="auto", choices=SCAN_CHOICES)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--rows", type=int, default=30)
     args = p.parse_args(argv)
     device = torch.device("cuda")
-    model = build_model(args.arch, 10, patch_size=args.patch_size).to(device)
+    patch = DEFAULT_PATCH_SIZE[args.stem] if args.patch_size is None else args.patch_size
+    model = build_model(args.arch, 10, patch_size=patch, stem=args.stem).to(device)
     scan = resolve_scan(args.scan, device)
     model.set_kernels(scan, scan != "ref" and causal_conv1d_available() and not args.compile)
     opt = build_optimizer(model, 1e-3, 0.05, device)
@@ -45,8 +52,15 @@ def main(argv=None):
         for _ in range(3):
             step([(x, y)], 1e-3)
         torch.cuda.synchronize()
-    print(f"{args.arch} batch {args.batch_size} scan {scan} compile {args.compile}: 3 steps")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    print(f"{args.arch} batch {args.batch_size} {model.cfg.num_patches + 1} tokens ({args.stem} stem) scan {scan} "
+          f"compile {args.compile}: 3 steps")
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels)
+    scan_time = sum(e.self_device_time_total for e in kernels if "_fwd_kernel" in e.key or "_bwd_kernel" in e.key)
+    print(f"selective scan kernels: {scan_time / 1e3:.1f} ms of {total / 1e3:.1f} ms of GPU time over 3 steps "
+          f"({100 * scan_time / max(total, 1):.0f}%)")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """Registers and spills of the Triton scan kernels, compiled for a GPU architecture on any machine (no GPU needed).
 
-The backward kernel can run out of registers at its wider launch shapes, and spills slow a shape down; this shows
-registers and spills without a GPU, before a GPU session times the shapes (benchmark.py --scan_sweep).
+The backward keeps a chunk of states in registers, so its chunk length decides registers per thread, and so how many
+warps an SM holds; spills slow it down. This shows both without a GPU, before a GPU times the chunk lengths
+(benchmark.py --scan_only triton --chunks ...).
 
-    python tools/scan_regs.py                                   # the launch shapes in use, for sm_90 (H100, H200)
-    python tools/scan_regs.py --launch BWD_CONFIG_NARROW=32,4,1,super2 BWD_CONFIG=64,1,1,step --arch 80
+    python tools/scan_regs.py                        # the forward and the backward as configured, for sm_90
+    python tools/scan_regs.py --chunks 1 2 3 4 --arch 80
 
-Per kernel and shape: registers per thread and stack bytes per thread (spilled registers live there), as ptxas
-allocates them for the model's case (bf16 activations, fp32 parameters, 16 states, D, z, delta_bias and softplus on,
-forward scan). Numbers belong to the installed Triton and ptxas: another Triton version may allocate differently.
+Per kernel: registers per thread and stack bytes per thread (spilled registers live there), as ptxas allocates them
+for the model's case (bf16 activations, fp32 parameters, 16 states, D, z, delta_bias and softplus on, forward scan).
+Numbers belong to the installed Triton and ptxas: another Triton version may allocate differently.
 """
 import argparse
 import json
@@ -20,7 +21,6 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.benchmark import LAUNCH_METAVAR, LAUNCH_NAMES, parse_launch  # noqa: E402
 
 # The model's case: mamba_small's inner width, 65 tokens, 16 states, dt_rank 24; bf16 activations as the mixer passes
 # them, (B, L, *) tensors seen as (B, *, L) views; fp32 A, D, delta_bias; z, softplus, forward scan. The batch size
@@ -28,9 +28,9 @@ from tools.benchmark import LAUNCH_METAVAR, LAUNCH_NAMES, parse_launch  # noqa: 
 MODEL_CASE = dict(batch=2, dim=768, length=65, state=16, dt_rank=24)
 
 
-def model_case(kind, config):
-    """-> (grid, arguments, constants) of the launch that models/scan_triton.py makes for the model's case with this
-    launch shape: the same code builds them, so the compiled kernel is the one a GPU would run."""
+def model_case(kind):
+    """-> (grid, arguments, constants) of the launch that models/scan_triton.py makes for the model's case (the same
+    code builds them, so the compiled kernel is the one a GPU would run)."""
     import torch
     import models.scan_triton as st
     b, d, length, n, r = (MODEL_CASE[k] for k in ("batch", "dim", "length", "state", "dt_rank"))
@@ -40,16 +40,16 @@ def model_case(kind, config):
     u, dt, z = act(), act(), act()
     A, D, bias = torch.empty(d, n), torch.empty(d), torch.empty(d)
     if kind == "fwd":
-        grid, args, meta, _ = st._forward_launch(config, u, dt, A, B, C, D, z, bias, True, False)
+        grid, args, meta, _ = st._forward_launch(u, dt, A, B, C, D, z, bias, True, False)
     else:
-        grid, args, meta, _ = st._backward_launch(config, act(), u, dt, A, B, C, D, z, bias, True, False)
+        grid, args, meta, _ = st._backward_launch(act(), u, dt, A, B, C, D, z, bias, True, False)
     return grid, args, meta
 
 
-def compile_kernel(kind, config, arch):
-    """-> the compiled kernel of one launch shape ("fwd" or "bwd") for sm_<arch>, specialised as Triton's launcher
-    specialises the real call: integer arguments equal to 1 (unit strides) become constants, and pointers and
-    integers divisible by 16 are marked so (what lets loads be vectorised and decides the register layout)."""
+def compile_kernel(kind, arch):
+    """-> the compiled kernel ("fwd" or "bwd", at models/scan_triton.py's CHUNK) for sm_<arch>, specialised as Triton's
+    launcher specialises the real call: integer arguments equal to 1 (unit strides) become constants, and pointers
+    and integers divisible by 16 are marked so (what lets loads be vectorised)."""
     import triton
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import GPUTarget
@@ -57,7 +57,7 @@ def compile_kernel(kind, config, arch):
     from triton.compiler import ASTSource
     import models.scan_triton as st
     kernel = st._fwd_kernel if kind == "fwd" else st._bwd_kernel
-    _, args, meta = model_case(kind, config)
+    _, args, meta = model_case(kind)
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in meta:
@@ -70,7 +70,7 @@ def compile_kernel(kind, config, arch):
         else:
             attrs[(i,)] = CUDABackend.parse_attr(spec)
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config["num_warps"]))
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=meta["num_warps"]))
 
 
 def resource_usage(compiled):
@@ -91,8 +91,8 @@ def resource_usage(compiled):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability as a number: 90 (H100/H200), 80 (A100)")
-    p.add_argument("--launch", nargs="+", default=[], metavar=LAUNCH_METAVAR,
-                   help="these shapes instead of the ones in models/scan_triton.py (as in benchmark.py --launch)")
+    p.add_argument("--chunks", nargs="+", type=int, default=None, metavar="STEPS",
+                   help="backward chunk lengths to compile (default: models/scan_triton.py's CHUNK)")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     try:
@@ -101,25 +101,27 @@ def main(argv=None):
     except ImportError:
         print("scan_regs.py: error: Triton with its NVIDIA backend is not installed", file=sys.stderr)
         return 2
-    try:  # one item at a time: the same name may come with several shapes, to compare them
-        shapes = [next(iter(parse_launch([item]).items())) for item in args.launch]
-    except ValueError as e:
-        print(f"scan_regs.py: error: {e}", file=sys.stderr)
+    if args.chunks is not None and min(args.chunks) < 1:
+        print(f"scan_regs.py: error: --chunks must be positive, got {args.chunks}", file=sys.stderr)
         return 2
     import models.scan_triton as st
-    shapes = shapes or [(name, getattr(st, name)) for name in LAUNCH_NAMES]
+    saved = st.CHUNK
+    shapes = [("fwd", None)] + [("bwd", c) for c in (args.chunks or [saved])]
     rows = []
-    for name, config in shapes:
-        kind = "bwd" if "BWD" in name else "fwd"
-        try:
-            regs, stack = resource_usage(compile_kernel(kind, config, args.arch))
-        except Exception as e:  # one line, not a traceback: the Triton API moves between versions
-            print(f"scan_regs.py: error: compiling {name} {config} for sm_{args.arch} failed: "
-                  f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", file=sys.stderr)
-            return 1
-        rows.append(dict(name=name, **config, arch=args.arch, regs=regs, stack_bytes=stack))
-        shape = ",".join(f"{k}={v}" for k, v in config.items())
-        print(f"{name:<18} sm_{args.arch}  {shape:<80} regs {regs:>3}  stack {stack:>5} bytes", flush=True)
+    try:
+        for kind, chunk in shapes:
+            st.CHUNK = chunk or saved
+            try:
+                regs, stack = resource_usage(compile_kernel(kind, args.arch))
+            except Exception as e:  # one line, not a traceback: the Triton API moves between versions
+                print(f"scan_regs.py: error: compiling the {kind} kernel for sm_{args.arch} failed: "
+                      f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", file=sys.stderr)
+                return 1
+            rows.append(dict(kernel=kind, chunk=chunk, arch=args.arch, regs=regs, stack_bytes=stack))
+            label = "forward" if kind == "fwd" else f"backward, chunk {chunk}"
+            print(f"{label:<20} sm_{args.arch}  regs {regs:>3}  stack {stack:>5} bytes", flush=True)
+    finally:
+        st.CHUNK = saved
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
