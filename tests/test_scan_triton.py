@@ -49,8 +49,8 @@ CASES = [
 ]
 # The backward's chunk lengths and pass 1's prefetching, each on cases with a partial last chunk, a reverse scan and a
 # missing z (the configured CHUNK runs every case above); bf16 inputs take the packed loads of B and C.
-VARIANTS = {"chunk1": dict(CHUNK=1), "chunk3": dict(CHUNK=3), "chunk5": dict(CHUNK=5),
-            "no_prefetch": dict(PREFETCH=False), "chunk3_no_prefetch": dict(CHUNK=3, PREFETCH=False)}
+VARIANTS = {"chunk1": dict(CHUNK=1), "chunk2": dict(CHUNK=2), "chunk5": dict(CHUNK=5),
+            "no_prefetch": dict(PREFETCH=False), "chunk2_no_prefetch": dict(CHUNK=2, PREFETCH=False)}
 VARIANT_CASES = [CASES[2], CASES[4], CASES[8]]
 BF16_CASES = [CASES[2], CASES[8], _case(2, 40, 16, 9, seed=11)]  # (B, L, N) B and C, even N: the packed loads
 EXTRA_CASES = {"chunk5": [CASES[0], CASES[7]]}  # L = 1 and L = 12: one chunk, and a chunk longer than the sequence

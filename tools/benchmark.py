@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import torch
 
@@ -235,6 +236,7 @@ def scan_bench(backends, batch_sizes, dim=768, state=16, lengths=(65, 257), reps
                     ms_fwd, ms = _time_scan(fn, inputs, reps)
                 except Exception as e:
                     ms_fwd = ms = None
+                    traceback.print_exc()
                     print(f"  scan {backend} failed: {type(e).__name__}: {str(e)[:200]}")
                 finally:
                     st.CHUNK = saved
