@@ -455,7 +455,8 @@ def load_pretrained(model, path, log=print):
     if log is not None:
         variant = matching_variant(ck) or "custom"
         log(f"pretrained: loaded {len(expected)} tensors ({values / 1e6:.2f}M values) from {path} "
-            f"[Vim {variant}: width {ck['embed_dim']}, depth {ck['depth']}, patch {ck['patch_size']}, "
+            f"[Vim {variant}: width {ck['embed_dim']}, depth {ck['depth']}, "
+            f"{'conv stem, stride' if ck['stem'] == 'conv' else 'patch'} {ck['patch_size']}, "
             f"trained at {ck['img_size']}px]"
             + (f", cast from {'/'.join(cast_from)}" if cast_from else ""))
         pos = ("pos_embed kept ({0}x{0} grid)".format(new_grid) if resized is None else

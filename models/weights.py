@@ -74,7 +74,8 @@ def read_weights(path, ema=False):
 
     info: dict(vim=VimConfig, arch, dataset, num_classes, mean, std (None when the file does not record them),
     epoch (epochs trained), weights ("model" or "ema"), kind ("checkpoint" or "export"), config (the training
-    run's configuration, or the exported one)). Raises WeightsError."""
+    run's configuration, or the exported one), history (a checkpoint's per-epoch records, else None)).
+    Raises WeightsError."""
     path = os.fspath(path)
     obj = _read(path)
     config = obj["config"]
@@ -88,12 +89,14 @@ def read_weights(path, ema=False):
         except TypeError as e:
             raise WeightsError(f"{path} holds a malformed config ({e})") from None
         sd, epoch, weights, kind = obj["model"], obj.get("epoch"), obj.get("weights", "model"), "export"
+        history = None
     else:
         if ema and obj.get("model_ema") is None:
             raise WeightsError(f"{path} holds no EMA weights (the run was trained without --model_ema)")
         sd = obj["model_ema"] if ema else obj["model"]
         position = obj.get("position") or {}
         epoch, weights, kind = position.get("epoch"), "ema" if ema else "model", "checkpoint"
+        history = position.get("history")
         try:
             vim = _model_config(config, sd)
         except KeyError as e:
@@ -102,7 +105,8 @@ def read_weights(path, ema=False):
     if DATASET_CLASSES.get(dataset) != vim.num_classes:
         raise WeightsError(f"{path} is for data set {dataset!r} but has {vim.num_classes} classes")
     info = dict(vim=vim, arch=config.get("arch"), dataset=dataset, num_classes=vim.num_classes,
-                mean=config.get("mean"), std=config.get("std"), epoch=epoch, weights=weights, kind=kind, config=config)
+                mean=config.get("mean"), std=config.get("std"), epoch=epoch, weights=weights, kind=kind, config=config,
+                history=history)
     return sd, info
 
 
