@@ -169,7 +169,8 @@ def describe(path, info, model):
     tokens = f"{cfg.num_patches + 1} tokens at {cfg.img_size}x{cfg.img_size}"
     stem = f"conv stem, stride {cfg.patch_size}" if cfg.stem == "conv" else f"patch {cfg.patch_size}"
     weights = "EMA weights" if info["weights"] == "ema" else "trained weights"
-    return (f"checkpoint: {path}: {info['arch']} on {info['dataset']}, {weights} after {info['epoch']} epoch(s)\n"
+    mid = f" and {info['step_in_epoch']} step(s)" if info["step_in_epoch"] else ""
+    return (f"checkpoint: {path}: {info['arch']} on {info['dataset']}, {weights} after {info['epoch']} epoch(s){mid}\n"
             f"model: {stem} ({tokens}), width {cfg.embed_dim}, depth {cfg.depth}, d_state {cfg.d_state}")
 
 
@@ -230,7 +231,8 @@ def run(args):
     logits = predict(model, images, mean, std, device, args.batch_size, amp)
     acc = accuracy(logits, labels, info["num_classes"])
 
-    last = info["history"][-1] if info["history"] else {}  # the trainer's own test of the last epoch
+    # the trainer's own test of these weights: at the end of the last epoch (not for a mid-epoch save)
+    last = info["history"][-1] if info["history"] and not info["step_in_epoch"] else {}
     speed = (None, None) if args.no_speed else measure_speed(model, device, args.batch_size, amp)
     results = dict(checkpoint=args.checkpoint, dataset=info["dataset"], weights=info["weights"],
                    device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -258,6 +260,9 @@ def main(argv=None):
         return run(parse_args(argv))
     except (UsageError, WeightsError, DataError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError:
+        print("evaluate.py: error: the GPU ran out of memory; use a smaller --batch_size", file=sys.stderr)
         return 2
     except OSError as e:  # an unwritable --json / --plot / --export path
         print(f"evaluate.py: error: {e.strerror or e} ({e.filename})", file=sys.stderr)

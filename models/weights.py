@@ -16,6 +16,7 @@ Nothing here imports the training code. Two kinds of file are read, both with ``
 """
 import dataclasses
 import os
+import zipfile
 
 import torch
 
@@ -35,7 +36,8 @@ def _read(path):
     if not os.path.isfile(path):
         raise WeightsError(f"no checkpoint at {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: the optimizer state of a training checkpoint is never read into memory
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise WeightsError(f"{path} is corrupt, truncated or not a checkpoint of this project ({first})") from None
@@ -74,7 +76,8 @@ def read_weights(path, ema=False):
 
     info: dict(vim=VimConfig, arch, dataset, num_classes, mean, std (None when the file does not record them),
     epoch (epochs trained), weights ("model" or "ema"), kind ("checkpoint" or "export"), config (the training
-    run's configuration, or the exported one), history (a checkpoint's per-epoch records, else None)).
+    run's configuration, or the exported one), history (a checkpoint's per-epoch records, else None),
+    step_in_epoch (steps into the next epoch of a checkpoint saved mid-epoch, else 0)).
     Raises WeightsError."""
     path = os.fspath(path)
     obj = _read(path)
@@ -89,14 +92,14 @@ def read_weights(path, ema=False):
         except TypeError as e:
             raise WeightsError(f"{path} holds a malformed config ({e})") from None
         sd, epoch, weights, kind = obj["model"], obj.get("epoch"), obj.get("weights", "model"), "export"
-        history = None
+        history, steps = None, 0
     else:
         if ema and obj.get("model_ema") is None:
             raise WeightsError(f"{path} holds no EMA weights (the run was trained without --model_ema)")
         sd = obj["model_ema"] if ema else obj["model"]
         position = obj.get("position") or {}
         epoch, weights, kind = position.get("epoch"), "ema" if ema else "model", "checkpoint"
-        history = position.get("history")
+        history, steps = position.get("history"), position.get("step_in_epoch", 0)
         try:
             vim = _model_config(config, sd)
         except KeyError as e:
@@ -106,7 +109,7 @@ def read_weights(path, ema=False):
         raise WeightsError(f"{path} is for data set {dataset!r} but has {vim.num_classes} classes")
     info = dict(vim=vim, arch=config.get("arch"), dataset=dataset, num_classes=vim.num_classes,
                 mean=config.get("mean"), std=config.get("std"), epoch=epoch, weights=weights, kind=kind, config=config,
-                history=history)
+                history=history, step_in_epoch=steps)
     return sd, info
 
 
@@ -123,7 +126,8 @@ def build_from(state_dict, vim, path="the checkpoint"):
 
 def load_model(path, ema=False):
     """The VisionMamba stored at ``path`` (a training checkpoint or an exported file), with its weights (the EMA's
-    with ``ema``) and configuration (``model.cfg``), in eval mode on the CPU. Raises WeightsError."""
+    with ``ema``) and configuration (``model.cfg``), in eval mode on the CPU. Its data set and input normalisation
+    are in ``read_weights(path)[1]``. Raises WeightsError."""
     sd, info = read_weights(path, ema)
     return build_from(sd, info["vim"], os.fspath(path))
 
