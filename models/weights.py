@@ -7,7 +7,8 @@
 Nothing here imports the training code. Two kinds of file are read, both with ``torch.load(weights_only=True)``:
 
 * a training checkpoint (``"format": "vim-cifar-checkpoint/1"``, training/checkpoint.py): the weights under
-  ``"model"`` (and ``"model_ema"``, None without --model_ema) and the run's configuration under ``"config"``;
+  ``"model"`` (and ``"model_ema"``, None without --model_ema), the run's configuration under ``"config"`` and
+  the input normalisation under ``"normalisation"`` (``{"mean", "std"}``; absent in older checkpoints);
 * an exported file (``"format": "vim-cifar-weights/1"``, ``evaluate.py CKPT --export OUT``):
   ``{"format", "model": fp32 state dict, "config": {...}, "epoch", "weights": "model" | "ema"}``, where
   ``config`` holds every ``VimConfig`` field (the tokenizer: ``stem``, ``patch_size``, ``img_size``) and
@@ -105,10 +106,12 @@ def read_weights(path, ema=False):
         except KeyError as e:
             raise WeightsError(f"{path} has a config without {e}") from None
     dataset = config.get("dataset")
+    # an exported file's config names its normalisation; a checkpoint has it beside (older ones: not at all)
+    norm = config if kind == "export" else obj.get("normalisation") or {}
     if DATASET_CLASSES.get(dataset) != vim.num_classes:
         raise WeightsError(f"{path} is for data set {dataset!r} but has {vim.num_classes} classes")
     info = dict(vim=vim, arch=config.get("arch"), dataset=dataset, num_classes=vim.num_classes,
-                mean=config.get("mean"), std=config.get("std"), epoch=epoch, weights=weights, kind=kind, config=config,
+                mean=norm.get("mean"), std=norm.get("std"), epoch=epoch, weights=weights, kind=kind, config=config,
                 history=history, step_in_epoch=steps)
     return sd, info
 

@@ -71,6 +71,19 @@ def test_reproduces_the_trainers_last_test(trained, tmp_path, ema):
     assert res["params"]["total"] == sum(p.numel() for p in trained["model"].parameters())
 
 
+def test_an_older_checkpoint_without_its_normalisation_gets_the_trainers_rule(trained, tmp_path):
+    from training.data import MEAN_STD
+    ckpt = torch.load(trained["path"], weights_only=True)
+    assert tuple(ckpt["normalisation"]["mean"]) == MEAN_STD["cifar10"][0]
+    del ckpt["normalisation"]
+    torch.save(ckpt, tmp_path / "old.pth")
+    old = evaluate_json(tmp_path, str(tmp_path / "old.pth"), "--data_dir", trained["data"], "--no_speed")
+    new = evaluate_json(tmp_path, trained["path"], "--data_dir", trained["data"], "--no_speed")
+    assert (old["top1"], old["loss"]) == (new["top1"], new["loss"])
+    assert evaluate.main([str(tmp_path / "old.pth"), "--export", str(tmp_path / "w.pth")]) == 0
+    assert tuple(torch.load(tmp_path / "w.pth", weights_only=True)["config"]["std"]) == MEAN_STD["cifar10"][1]
+
+
 def test_ema_and_trained_weights_differ(trained):
     a, b = load_model(trained["path"]), load_model(trained["path"], ema=True)
     assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
@@ -190,13 +203,13 @@ def test_export_round_trips_through_load_model_and_evaluate(trained, tmp_path, c
 def test_mamba_small_export_is_under_110_mb(tmp_path):
     model = build_model("mamba_small", 10, stem="conv", patch_size=2)
     config = dict(arch="mamba_small", dataset="cifar10", num_classes=10, embed_dim=None, depth=None, patch_size=2,
-                  input_size=32, stem="conv", drop_path=0.1, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+                  input_size=32, stem="conv", drop_path=0.1)
     ckpt = tmp_path / "small.pth"
     sd = model.state_dict()
     ema = {k: v.clone() for k, v in sd.items()}  # its own storage, as in a real checkpoint
     torch.save({"format": "vim-cifar-checkpoint/1", "model": sd, "model_ema": ema, "optimizer": {},
-                "position": {"epoch": 1}, "rng": {}, "config": config}, ckpt)
-    size = export_weights(str(ckpt), str(tmp_path / "w.pth"))
+                "position": {"epoch": 1}, "rng": {}, "config": config, "normalisation": None}, ckpt)
+    size = export_weights(str(ckpt), str(tmp_path / "w.pth"), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     assert size < 110e6 and size < os.path.getsize(ckpt) * 0.6
     assert load_model(tmp_path / "w.pth").cfg == model.cfg
 
@@ -212,7 +225,7 @@ def test_pretrained_run_starts_from_an_export(trained, tmp_path):
     assert train_mamba_baseline.main(argv) == 0
     ck = torch.load(tmp_path / "c" / "mamba_tiny_cifar10_last.pth", weights_only=True)
     assert (ck["config"]["stem"], ck["config"]["patch_size"], ck["config"]["input_size"]) == ("conv", 4, 32)
-    assert tuple(ck["config"]["mean"]) == tuple(torch.load(exported, weights_only=True)["config"]["mean"])
+    assert tuple(ck["normalisation"]["mean"]) == tuple(torch.load(exported, weights_only=True)["config"]["mean"])
     for k, v in start.items():  # lr 1e-30: every tensor, the head included (10 classes both), is the export's
         torch.testing.assert_close(ck["model"][k], v, rtol=0, atol=1e-6, msg=k)
     log = (tmp_path / "l" / "mamba_tiny_cifar10_baseline_ft.log").read_text()

@@ -254,7 +254,7 @@ class Run:
         # (a file exported by evaluate.py --export names its own)
         mean, std = (pretrained_normalisation(cfg.pretrained) or IMAGENET_MEAN_STD) if cfg.pretrained \
             else MEAN_STD[cfg.dataset]
-        cfg.mean, cfg.std = mean, std  # recorded in every checkpoint's config: evaluate.py normalises the same way
+        self.normalisation = {"mean": mean, "std": std}  # in every checkpoint: evaluate.py normalises the same way
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.step = TrainStep(self.model, self.optimizer, num_classes=cfg.num_classes, mean=mean, std=std,
@@ -277,7 +277,8 @@ class Run:
         cfg.embed_dim, cfg.depth, cfg.patch_size = shape.pop("embed_dim"), shape.pop("depth"), shape.pop("patch_size")
         cfg.input_size = shape.pop("img_size")
         stem = shape.pop("stem")  # an exported file of this project may hold the conv stem
-        cfg.stem = stem if cfg.stem_auto else cfg.stem
+        if cfg.stem_auto:
+            cfg.stem = stem
         self.pretrained_shape = shape  # d_state, d_conv, expand, in_chans
 
     def _open_log(self):
@@ -310,7 +311,7 @@ class Run:
                       f"lr {cfg.lr:g} (not rescaled with the batch) | {self.steps_per_epoch} steps/epoch, "
                       f"{self.warmup_steps} warmup steps")
         for line in self.pretrained_info or []:
-            norm = "ImageNet" if (cfg.mean, cfg.std) == IMAGENET_MEAN_STD else "the file's"
+            norm = "ImageNet" if tuple(self.normalisation.values()) == IMAGENET_MEAN_STD else "the file's"
             self.log.info(f"{line} | input {cfg.input_size}x{cfg.input_size}, {norm} normalisation")
         self.log.info(f"log: {self.log.log_path} | metrics: {self.log.jsonl_path} | checkpoints: {cfg.save_dir}")
 
@@ -351,7 +352,8 @@ class Run:
                 "model_ema": self.ema.module.state_dict() if self.ema is not None else None,  # --model_ema
                 "optimizer": self.optimizer.state_dict(), "position": vars(self.pos).copy(),
                 "rng": rng_state(), "scaler": None,  # bf16 autocast needs no loss scaling
-                "config": {k: v for k, v in vars(self.cfg).items()}, "log_path": self.log.log_path}
+                "config": {k: v for k, v in vars(self.cfg).items()}, "log_path": self.log.log_path,
+                "normalisation": self.normalisation}
 
     def save(self, *kinds):
         """Rank 0 writes. Under DDP every rank calls this at the same step: each rank's RNG state and epoch sums
