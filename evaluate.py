@@ -98,8 +98,8 @@ def predict(model, images, mean, std, device, batch_size, amp):
 
 
 def accuracy(logits, labels, num_classes):
-    """-> dict(loss (mean cross-entropy), top1, top5 (%, None with 10 classes), per_class (top-1 % per class, None where a class has no test
-    image), confusion (classes x classes counts: row = true class, column = prediction))."""
+    """-> dict(loss (mean cross-entropy), top1, top5 (%, None with 10 classes), per_class (top-1 % per class, None
+    where a class has no test image), confusion (classes x classes counts: row = true class, column = prediction))."""
     pred = logits.argmax(1)
     top5 = (logits.topk(min(5, num_classes), dim=1).indices == labels[:, None]).any(1)
     confusion = torch.bincount(labels * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
@@ -206,9 +206,7 @@ def run(args):
     from models.weights import build_from, export_weights, read_weights
 
     if args.export:
-        sd, info = read_weights(args.checkpoint, args.ema)
-        mean, std = normalisation(info)
-        size = export_weights(args.checkpoint, args.export, ema=args.ema, mean=mean, std=std)
+        size = export_weights(args.checkpoint, args.export, ema=args.ema, normalisation=normalisation)
         print(f"exported {'the EMA' if args.ema else 'the'} weights and configuration of {args.checkpoint} to "
               f"{args.export} ({size / 1e6:.1f} MB)")
         return 0

@@ -180,7 +180,8 @@ def infer_vim_config(state_dict, conv_stride=None):
     Raises PretrainedError naming the keys that are missing or malformed."""
     sd = state_dict
     conv_stem = "patch_embed.proj.weight" not in sd and "patch_embed.proj.3.weight" in sd
-    tokenizer = ("patch_embed.proj.0.weight", "patch_embed.proj.3.weight") if conv_stem else ("patch_embed.proj.weight",)
+    tokenizer = ("patch_embed.proj.0.weight", "patch_embed.proj.3.weight") if conv_stem else \
+        ("patch_embed.proj.weight",)
     required = (*tokenizer, "pos_embed", "cls_token", "layers.0.mixer.in_proj.weight",
                 "layers.0.mixer.A_log", "layers.0.mixer.conv1d.weight")
     missing = [k for k in required if k not in sd]
@@ -389,10 +390,10 @@ def load_pretrained(model, path, log=print):
     """Copy the pretrained Vim at ``path`` into ``model`` (a VisionMamba built with the target config, e.g.
     from ``pretrained_model_config``; a DDP or torch.compile wrapper is looked through) for fine-tuning.
 
-    The checkpoint's width, depth, d_state, expand, d_conv, patch size and channels must equal the model's;
-    ``pos_embed`` is resized when the grids differ; ``head.*`` is kept when its shapes are the model's (the same
-    class count), else dropped and the model's own head is left as it is. Every other model tensor must come from the checkpoint with the same shape, and the checkpoint
-    may hold nothing else. Raises PretrainedError (the model is untouched then); on success logs one or two
+    The checkpoint's tokenizer (stem), width, depth, d_state, expand, d_conv, patch size and channels must equal
+    the model's; ``pos_embed`` is resized when the grids differ; ``head.*`` is kept when its shapes are the model's
+    (the same class count), else dropped and the model's own head is left as it is. Every other model tensor must
+    come from the checkpoint with the same shape, and the checkpoint may hold nothing else. Raises PretrainedError (the model is untouched then); on success logs one or two
     lines through ``log`` (None: silent) and returns a summary dict:
     loaded (tensors), values, dropped ({key: shape}), pos_embed (None or {from, to, cls_index}),
     cast_from (sorted dtype names that were converted, or []), checkpoint (infer_vim_config's dict), notes.

@@ -118,10 +118,10 @@ def read_weights(path, ema=False):
 
 def build_from(state_dict, vim, path="the checkpoint"):
     """-> VisionMamba(vim) holding state_dict, in eval mode on the CPU. Raises WeightsError when they do not fit."""
-    model = VisionMamba(vim)
     try:
+        model = VisionMamba(vim)
         model.load_state_dict(state_dict)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         why = " ".join(str(e).split())[:300]
         raise WeightsError(f"{path} holds weights that do not fit its own configuration ({why})") from None
     return model.eval()
@@ -135,13 +135,15 @@ def load_model(path, ema=False):
     return build_from(sd, info["vim"], os.fspath(path))
 
 
-def export_weights(path, out, ema=False, mean=None, std=None):
+def export_weights(path, out, ema=False, normalisation=None):
     """Write the weights-only file of the checkpoint at ``path`` to ``out``: fp32 state dict + configuration, no
-    optimizer, RNG or history. ``mean``/``std``: the input normalisation, when the checkpoint does not record it.
-    -> the number of bytes written. Raises WeightsError."""
+    optimizer, RNG or history. ``normalisation(info) -> (mean, std)`` gives the input normalisation of a checkpoint
+    that does not record it (from before the trainer did). -> the number of bytes written. Raises WeightsError."""
     sd, info = read_weights(path, ema)
     build_from(sd, info["vim"], os.fspath(path))  # refuse to export weights that do not rebuild
-    mean, std = info["mean"] or mean, info["std"] or std
+    mean, std = info["mean"], info["std"]
+    if (mean is None or std is None) and normalisation is not None:
+        mean, std = normalisation(info)
     if mean is None or std is None:
         raise WeightsError(f"{path} records no input normalisation (mean, std) to export")
     config = dict(dataclasses.asdict(info["vim"]), arch=info["arch"], dataset=info["dataset"],

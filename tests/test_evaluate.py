@@ -209,7 +209,7 @@ def test_mamba_small_export_is_under_110_mb(tmp_path):
     ema = {k: v.clone() for k, v in sd.items()}  # its own storage, as in a real checkpoint
     torch.save({"format": "vim-cifar-checkpoint/1", "model": sd, "model_ema": ema, "optimizer": {},
                 "position": {"epoch": 1}, "rng": {}, "config": config, "normalisation": None}, ckpt)
-    size = export_weights(str(ckpt), str(tmp_path / "w.pth"), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    size = export_weights(str(ckpt), str(tmp_path / "w.pth"), normalisation=lambda info: ((0.5,) * 3, (0.25,) * 3))
     assert size < 110e6 and size < os.path.getsize(ckpt) * 0.6
     assert load_model(tmp_path / "w.pth").cfg == model.cfg
 
@@ -231,9 +231,12 @@ def test_pretrained_run_starts_from_an_export(trained, tmp_path):
     log = (tmp_path / "l" / "mamba_tiny_cifar10_baseline_ft.log").read_text()
     assert "head kept" in log and "the file's normalisation" in log
 
+    argv[argv.index(str(tmp_path / "c"))] = str(tmp_path / "c2")
+    assert train_mamba_baseline.main(argv + ["--stem", "patch"]) == 2  # the file's tokenizer is the conv stem
+
     data100 = make_cifar(str(tmp_path / "d100"), "cifar100", n_train=16, n_test=8)
     argv[argv.index(data)] = data100
-    argv[argv.index(str(tmp_path / "c"))] = str(tmp_path / "c100")
+    argv[argv.index(str(tmp_path / "c2"))] = str(tmp_path / "c100")
     assert train_mamba_baseline.main(argv + ["--dataset", "cifar100"]) == 0
     ck = torch.load(tmp_path / "c100" / "mamba_tiny_cifar100_last.pth", weights_only=True)
     assert ck["model"]["head.weight"].shape == (100, 16)
