@@ -11,7 +11,7 @@ are what hustvl/Vim's ``main.py`` saves: a dict whose ``"model"`` entry is the s
     layers.{i}.mixer.{in_proj.weight, conv1d.{weight,bias}, x_proj.weight, dt_proj.{weight,bias}, A_log, D,
                       conv1d_b.{weight,bias}, x_proj_b.weight, dt_proj_b.{weight,bias}, A_b_log, D_b,
                       out_proj.weight}
-    head.{weight,bias}               (ImageNet's 1000 classes: always dropped here)
+    head.{weight,bias}               (ImageNet's 1000 classes: dropped here, as no CIFAR model has 1000)
 
 The official mixer and blocks register no buffers, so nothing else is expected in the state dict. Keys that
 official variants we cannot run would add (``layers.{i}.mixer.gamma`` for layer scale, ``rope.*`` for RoPE,
@@ -22,10 +22,16 @@ What is tolerated, precisely:
     ``"model"`` present it wins (``"model_ema"`` is never used); other top-level entries are ignored;
   * a ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix, removed when every key carries it;
   * floating-point tensors of any precision (copied into the model's dtype);
-  * ``head.*`` of any shape (dropped: the model keeps its own freshly initialised head);
+  * ``head.*`` of any shape (kept when its shape is the model's, else dropped: the model keeps its own freshly
+    initialised head);
   * a different position grid (``pos_embed`` is resized, see ``interpolate_pos_embed``).
 Anything else (another width / depth / d_state / expand / d_conv / patch size / channel count, a missing
 or unexpected key, a shape that differs, a non-float or non-finite tensor) raises ``PretrainedError``.
+
+This project's own exported files (``evaluate.py CKPT --export OUT``, models/weights.py) are taken too: the same
+names under ``"model"``, and their ``"config"`` names the tokenizer (``stem``: Vim's patch embedding, or the conv
+stem ``patch_embed.proj.{0,3}.weight``, whose stride no shape tells) and the input normalisation. A head whose
+shape is the model's (the same class count) is kept; any other head is dropped.
 
 Files are read with ``torch.load(weights_only=True)``: only tensors, plain containers and, because the
 official trainer stores its arguments as one, ``argparse.Namespace`` are built. Any other pickled global
@@ -41,6 +47,8 @@ import zipfile
 import torch
 import torch.nn.functional as F
 
+from models.weights import EXPORT_FORMAT
+
 # The only non-torch global we let torch.load build: hustvl/Vim's main.py saves ``"args": args``.
 SAFE_GLOBALS = (argparse.Namespace,)
 CONTAINER_KEYS = ("model", "state_dict")  # checked in this order; the first one present is the state dict
@@ -48,7 +56,7 @@ STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 # Standard square input sizes of the releases, used to recognise the stride-8 ("+", "_ft_") checkpoints.
 _RELEASE_SIZES = (224, 384)
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
-_CONFIG_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "d_state", "d_conv", "expand")
+_CONFIG_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "d_state", "d_conv", "expand", "stem")
 
 
 class PretrainedError(Exception):
@@ -90,7 +98,12 @@ def _few(names, n=5):
 
 
 def read_vim_checkpoint(path, mmap=True):
-    """-> the state dict (a plain dict of CPU tensors, key order kept) of the checkpoint at ``path``.
+    return read_pretrained(path, mmap)[0]
+
+
+def read_pretrained(path, mmap=True):
+    """-> (the state dict (a plain dict of CPU tensors, key order kept) of the checkpoint at ``path``, the
+    ``"config"`` of this project's exported file or None for any other file).
 
     Accepts ``{"model": sd, ...}``, ``{"state_dict": sd, ...}`` or a bare state dict and strips a leading
     ``module.`` / ``_orig_mod.`` shared by every key. With ``mmap`` (the default) a zip checkpoint is
@@ -118,7 +131,8 @@ def read_vim_checkpoint(path, mmap=True):
                 "torch.save(c['model'], 'OUT')\"") from None
         raise PretrainedError(f"{path} ({os.path.getsize(path)} bytes) is not a readable PyTorch checkpoint "
                               f"(corrupt, truncated or another format): {_first_line(e)}") from None
-    return _state_dict_of(obj, path)
+    export = obj.get("config") if isinstance(obj, dict) and obj.get("format") == EXPORT_FORMAT else None
+    return _state_dict_of(obj, path), export
 
 
 def _state_dict_of(obj, path):
@@ -158,22 +172,33 @@ def _shape(t):
     return tuple(t.shape)
 
 
-def infer_vim_config(state_dict):
-    """-> dict(embed_dim, depth, patch_size, in_chans, img_size, d_state, expand, d_conv, num_classes, grid)
+def infer_vim_config(state_dict, conv_stride=None):
+    """-> dict(embed_dim, depth, patch_size, in_chans, img_size, d_state, expand, d_conv, num_classes, grid, stem)
     read from tensor shapes alone. ``grid`` is the side of the square patch grid of ``pos_embed`` and
     ``img_size = grid * patch_size`` (our PatchEmbed's stride is its patch size); ``num_classes`` is None
-    without a head. Raises PretrainedError naming the keys that are missing or malformed."""
+    without a head. A conv stem's stride (its ``patch_size``) is not in any shape: ``conv_stride`` gives it.
+    Raises PretrainedError naming the keys that are missing or malformed."""
     sd = state_dict
-    required = ("patch_embed.proj.weight", "pos_embed", "cls_token", "layers.0.mixer.in_proj.weight",
+    conv_stem = "patch_embed.proj.weight" not in sd and "patch_embed.proj.3.weight" in sd
+    tokenizer = ("patch_embed.proj.0.weight", "patch_embed.proj.3.weight") if conv_stem else \
+        ("patch_embed.proj.weight",)
+    required = (*tokenizer, "pos_embed", "cls_token", "layers.0.mixer.in_proj.weight",
                 "layers.0.mixer.A_log", "layers.0.mixer.conv1d.weight")
     missing = [k for k in required if k not in sd]
     if missing:
         raise PretrainedError(f"not a Vim state dict: no {_few(missing)} (it has {len(sd)} tensors, e.g. "
                               f"{_few(list(sd), 3)})")
-    w = sd["patch_embed.proj.weight"]
-    if w.ndim != 4 or w.shape[2] != w.shape[3]:
-        raise PretrainedError(f"patch_embed.proj.weight has shape {_shape(w)}; expected (D, C, p, p)")
-    embed_dim, in_chans, patch = w.shape[0], w.shape[1], w.shape[2]
+    if conv_stem:
+        if conv_stride is None:
+            raise PretrainedError("the weights have a conv stem (patch_embed.proj.0/3) but the file does not say "
+                                  "its stride (only this project's exported files, with their config, have one)")
+        embed_dim, in_chans = sd["patch_embed.proj.3.weight"].shape[0], sd["patch_embed.proj.0.weight"].shape[1]
+        patch = conv_stride
+    else:
+        w = sd["patch_embed.proj.weight"]
+        if w.ndim != 4 or w.shape[2] != w.shape[3]:
+            raise PretrainedError(f"patch_embed.proj.weight has shape {_shape(w)}; expected (D, C, p, p)")
+        embed_dim, in_chans, patch = w.shape[0], w.shape[1], w.shape[2]
     pe = sd["pos_embed"]
     if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[2] != embed_dim or pe.shape[1] < 2:
         raise PretrainedError(f"pos_embed has shape {_shape(pe)}; expected (1, num_patches + 1, {embed_dim})")
@@ -199,7 +224,7 @@ def infer_vim_config(state_dict):
     head = sd.get("head.weight")
     return dict(embed_dim=embed_dim, depth=depth, patch_size=patch, in_chans=in_chans, img_size=grid * patch,
                 d_state=a_log.shape[1], expand=expand, d_conv=conv.shape[-1],
-                num_classes=None if head is None else head.shape[0], grid=grid)
+                num_classes=None if head is None else head.shape[0], grid=grid, stem="conv" if conv_stem else "patch")
 
 
 def _stride_half_note(ck):
@@ -216,13 +241,31 @@ def _stride_half_note(ck):
             f"weights are used at stride {p} and the grid is resized: prefer the non-'ft' release")
 
 
+def _read_and_infer(path):
+    sd, export = read_pretrained(path)
+    stride = export.get("patch_size") if export and export.get("stem") == "conv" else None
+    try:
+        return sd, infer_vim_config(sd, stride), export
+    except PretrainedError as e:
+        raise PretrainedError(f"{path}: {e}") from None
+
+
+def pretrained_normalisation(path):
+    """-> (mean, std) recorded in this project's exported file at ``path``, or None (an official checkpoint:
+    the caller uses ImageNet's)."""
+    export = read_pretrained(path)[1]
+    if not export or export.get("mean") is None or export.get("std") is None:
+        return None
+    return tuple(export["mean"]), tuple(export["std"])
+
+
 def pretrained_model_config(path, input_size=None):
     """-> the VimConfig fields the model must be built with to take the checkpoint at ``path``:
-    dict(img_size, patch_size, in_chans, embed_dim, depth, d_state, d_conv, expand), with
+    dict(img_size, patch_size, in_chans, embed_dim, depth, d_state, d_conv, expand, stem), with
     ``img_size = input_size`` when given (it must be a multiple of the checkpoint's patch size), else the
     checkpoint's own. Usage: ``build_model(arch, num_classes, drop_path=..., **pretrained_model_config(p))``
     (the fields override the arch's width and depth). Raises PretrainedError."""
-    ck = infer_vim_config(read_vim_checkpoint(path))
+    ck = _read_and_infer(path)[1]
     p = ck["patch_size"]
     note = _stride_half_note(ck)
     if input_size is None:
@@ -324,9 +367,10 @@ def _architecture_differences(ck, cfg, sd, target):
     def shape(d, k):
         return _shape(d[k]) if k in d else "absent"
 
-    pw, a, ip, cw = ("patch_embed.proj.weight", "layers.0.mixer.A_log", "layers.0.mixer.in_proj.weight",
-                     "layers.0.mixer.conv1d.weight")
+    pw = "patch_embed.proj.weight" if ck["stem"] == "patch" else "patch_embed.proj.3.weight"
+    a, ip, cw = "layers.0.mixer.A_log", "layers.0.mixer.in_proj.weight", "layers.0.mixer.conv1d.weight"
     checks = [
+        ("stem", ck["stem"], cfg.stem, pw),
         ("width (embed_dim)", ck["embed_dim"], cfg.embed_dim, pw),
         ("input channels", ck["in_chans"], cfg.in_chans, pw),
         ("patch size", ck["patch_size"], cfg.patch_size, pw),
@@ -346,10 +390,10 @@ def load_pretrained(model, path, log=print):
     """Copy the pretrained Vim at ``path`` into ``model`` (a VisionMamba built with the target config, e.g.
     from ``pretrained_model_config``; a DDP or torch.compile wrapper is looked through) for fine-tuning.
 
-    The checkpoint's width, depth, d_state, expand, d_conv, patch size and channels must equal the model's;
-    ``pos_embed`` is resized when the grids differ; ``head.*`` is dropped and the model's own head is left
-    as it is. Every other model tensor must come from the checkpoint with the same shape, and the checkpoint
-    may hold nothing else. Raises PretrainedError (the model is untouched then); on success logs one or two
+    The checkpoint's tokenizer (stem), width, depth, d_state, expand, d_conv, patch size and channels must equal
+    the model's; ``pos_embed`` is resized when the grids differ; ``head.*`` is kept when its shapes are the model's
+    (the same class count), else dropped and the model's own head is left as it is. Every other model tensor must
+    come from the checkpoint with the same shape, and the checkpoint may hold nothing else. Raises PretrainedError (the model is untouched then); on success logs one or two
     lines through ``log`` (None: silent) and returns a summary dict:
     loaded (tensors), values, dropped ({key: shape}), pos_embed (None or {from, to, cls_index}),
     cast_from (sorted dtype names that were converted, or []), checkpoint (infer_vim_config's dict), notes.
@@ -359,11 +403,7 @@ def load_pretrained(model, path, log=print):
     if cfg is None or not hasattr(net, "pos_embed"):
         raise TypeError(f"load_pretrained needs a models.vim.VisionMamba, got {type(model).__name__}")
     path = os.fspath(path)
-    sd = read_vim_checkpoint(path)
-    try:
-        ck = infer_vim_config(sd)
-    except PretrainedError as e:
-        raise PretrainedError(f"{path}: {e}") from None
+    sd, ck, _ = _read_and_infer(path)
     target = net.state_dict()
     diffs = _architecture_differences(ck, cfg, sd, target)
     if diffs:
@@ -371,7 +411,9 @@ def load_pretrained(model, path, log=print):
                               + ". Build the model from pretrained_model_config(path)")
 
     incoming = dict(sd)
-    dropped = {k: _shape(incoming.pop(k)) for k in list(incoming) if k.startswith("head.")}
+    heads = [k for k in incoming if k.startswith("head.")]
+    keep_head = bool(heads) and all(k in target and incoming[k].shape == target[k].shape for k in heads)
+    dropped = {} if keep_head else {k: _shape(incoming.pop(k)) for k in heads}
     notes = [n for n in [_stride_half_note(ck)] if n]
     old_grid, new_grid = ck["grid"], cfg.img_size // cfg.patch_size
     resized = None
@@ -380,7 +422,7 @@ def load_pretrained(model, path, log=print):
         resized = {"from": (old_grid, old_grid), "to": (new_grid, new_grid),
                    "cls_index": (old_grid * old_grid // 2, new_grid * new_grid // 2)}
 
-    expected = [k for k in target if not k.startswith("head.")]
+    expected = [k for k in target if keep_head or not k.startswith("head.")]
     missing = [k for k in expected if k not in incoming]
     unexpected = [k for k in incoming if k not in target]
     wrong_shape = [f"{k} checkpoint {_shape(incoming[k])} vs model {_shape(target[k])}"
@@ -414,13 +456,15 @@ def load_pretrained(model, path, log=print):
     if log is not None:
         variant = matching_variant(ck) or "custom"
         log(f"pretrained: loaded {len(expected)} tensors ({values / 1e6:.2f}M values) from {path} "
-            f"[Vim {variant}: width {ck['embed_dim']}, depth {ck['depth']}, patch {ck['patch_size']}, "
+            f"[Vim {variant}: width {ck['embed_dim']}, depth {ck['depth']}, "
+            f"{'conv stem, stride' if ck['stem'] == 'conv' else 'patch'} {ck['patch_size']}, "
             f"trained at {ck['img_size']}px]"
             + (f", cast from {'/'.join(cast_from)}" if cast_from else ""))
         pos = ("pos_embed kept ({0}x{0} grid)".format(new_grid) if resized is None else
                f"pos_embed resized {old_grid}x{old_grid} -> {new_grid}x{new_grid} (bicubic, class token kept and "
                f"moved {resized['cls_index'][0]} -> {resized['cls_index'][1]})")
-        head = (f"dropped {', '.join(f'{k} {s}' for k, s in dropped.items())}" if dropped else "no head in it")
-        log(f"pretrained: {pos}; {head}; the {cfg.num_classes}-class head stays freshly initialised"
-            + "".join(f"; note: {n}" for n in notes))
+        head = (f"the {cfg.num_classes}-class head kept (same class count)" if keep_head else
+                (f"dropped {', '.join(f'{k} {s}' for k, s in dropped.items())}" if dropped else "no head in it")
+                + f"; the {cfg.num_classes}-class head stays freshly initialised")
+        log(f"pretrained: {pos}; {head}" + "".join(f"; note: {n}" for n in notes))
     return info

@@ -281,7 +281,7 @@ def test_interpolation_rejects_a_mismatched_grid():
 def test_infer_vim_config():
     sd = make_model(embed_dim=48, depth=3, d_state=8, seed=1).state_dict()
     assert infer_vim_config(sd) == dict(embed_dim=48, depth=3, patch_size=16, in_chans=3, img_size=224,
-                                        d_state=8, expand=2, d_conv=4, num_classes=1000, grid=14)
+                                        d_state=8, expand=2, d_conv=4, num_classes=1000, grid=14, stem="patch")
     del sd["head.weight"], sd["head.bias"]
     assert infer_vim_config(sd)["num_classes"] is None
 
@@ -290,7 +290,7 @@ def test_pretrained_model_config_builds_the_right_model(tmp_path):
     path = save(official_checkpoint(make_model(embed_dim=48, depth=3, seed=1)), tmp_path)
     cfg = pretrained_model_config(path)
     assert cfg == dict(img_size=224, patch_size=16, in_chans=3, embed_dim=48, depth=3, d_state=16, d_conv=4,
-                       expand=2)
+                       expand=2, stem="patch")
     assert pretrained_model_config(path, input_size=128)["img_size"] == 128
     model = VisionMamba(vim_config("mamba_small", num_classes=10, drop_path=0.0,
                                    **pretrained_model_config(path, 128)))

@@ -17,7 +17,7 @@ from timm.utils import ModelEmaV3
 
 from models.bimamba import causal_conv1d_available
 from models.scan import resolve_scan
-from models.pretrained import load_pretrained, matching_variant, pretrained_model_config
+from models.pretrained import load_pretrained, matching_variant, pretrained_model_config, pretrained_normalisation
 from models.vim import build_model
 from training import distributed as ddp
 from training.checkpoint import (SAVED_DEFAULTS, CheckpointError, RunLock, check_compatible, checkpoint_paths,
@@ -251,7 +251,10 @@ class Run:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model, mode="reduce-overhead" if cfg.cuda_graphs else None)
         # ImageNet weights expect ImageNet's normalisation; from scratch, the data set's own statistics.
-        mean, std = IMAGENET_MEAN_STD if cfg.pretrained else MEAN_STD[cfg.dataset]
+        # (a file exported by evaluate.py --export names its own)
+        mean, std = (pretrained_normalisation(cfg.pretrained) or IMAGENET_MEAN_STD) if cfg.pretrained \
+            else MEAN_STD[cfg.dataset]
+        self.normalisation = {"mean": mean, "std": std}  # in every checkpoint: evaluate.py normalises the same way
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.step = TrainStep(self.model, self.optimizer, num_classes=cfg.num_classes, mean=mean, std=std,
@@ -273,6 +276,9 @@ class Run:
                              f"{shape['depth']}); pass --arch {variant}")
         cfg.embed_dim, cfg.depth, cfg.patch_size = shape.pop("embed_dim"), shape.pop("depth"), shape.pop("patch_size")
         cfg.input_size = shape.pop("img_size")
+        stem = shape.pop("stem")  # an exported file of this project may hold the conv stem
+        if cfg.stem_auto:
+            cfg.stem = stem
         self.pretrained_shape = shape  # d_state, d_conv, expand, in_chans
 
     def _open_log(self):
@@ -305,7 +311,8 @@ class Run:
                       f"lr {cfg.lr:g} (not rescaled with the batch) | {self.steps_per_epoch} steps/epoch, "
                       f"{self.warmup_steps} warmup steps")
         for line in self.pretrained_info or []:
-            self.log.info(f"{line} | input {cfg.input_size}x{cfg.input_size}, ImageNet normalisation")
+            norm = "ImageNet" if tuple(self.normalisation.values()) == IMAGENET_MEAN_STD else "the file's"
+            self.log.info(f"{line} | input {cfg.input_size}x{cfg.input_size}, {norm} normalisation")
         self.log.info(f"log: {self.log.log_path} | metrics: {self.log.jsonl_path} | checkpoints: {cfg.save_dir}")
 
     def _note_changed_settings(self):
@@ -345,7 +352,8 @@ class Run:
                 "model_ema": self.ema.module.state_dict() if self.ema is not None else None,  # --model_ema
                 "optimizer": self.optimizer.state_dict(), "position": vars(self.pos).copy(),
                 "rng": rng_state(), "scaler": None,  # bf16 autocast needs no loss scaling
-                "config": {k: v for k, v in vars(self.cfg).items()}, "log_path": self.log.log_path}
+                "config": {k: v for k, v in vars(self.cfg).items()}, "log_path": self.log.log_path,
+                "normalisation": self.normalisation}
 
     def save(self, *kinds):
         """Rank 0 writes. Under DDP every rank calls this at the same step: each rank's RNG state and epoch sums
