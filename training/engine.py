@@ -49,7 +49,7 @@ class Position:
     step_in_epoch: int = 0      # optimizer steps done in the current epoch (0 at an epoch boundary)
     global_step: int = 0
     best_acc: float = 0.0
-    best_epoch: int = 0
+    best_epoch: int = 0         # 0: no evaluation yet (the first one is the best so far, even at 0.00%)
     best_ema_acc: float = 0.0   # the EMA model's (--model_ema); 0 without it
     best_ema_epoch: int = 0
     bad_steps: int = 0          # steps skipped for a non-finite loss, whole run
@@ -472,7 +472,7 @@ class Run:
                 ema_loss, ema_acc, ema_acc5 = self.evaluate(self.ema.module)
             eval_seconds = time.perf_counter() - t_eval
             pos.epoch, pos.step_in_epoch = epoch + 1, 0
-            improved = acc > pos.best_acc
+            improved = acc > pos.best_acc or pos.best_epoch == 0
             if improved:
                 pos.best_acc, pos.best_epoch = acc, epoch + 1
             rec = {"epoch": epoch + 1, "lr": train["lr"], "train_loss": train["train_loss"], "test_loss": test_loss,
@@ -480,7 +480,7 @@ class Run:
                    "epoch_time": train["seconds"] + eval_seconds,
                    "images_per_s": train["images"] / max(train["seconds"], 1e-9), "bad_steps": pos.bad_steps}
             if self.ema is not None:  # test_acc stays the trained model's; _best.pth follows it, not the EMA
-                if ema_acc > pos.best_ema_acc:
+                if ema_acc > pos.best_ema_acc or pos.best_ema_epoch == 0:
                     pos.best_ema_acc, pos.best_ema_epoch = ema_acc, epoch + 1
                 rec.update({"ema_loss": ema_loss, "ema_acc": ema_acc,
                             "ema_acc5": ema_acc5 if cfg.num_classes > 10 else None, "best_ema_acc": pos.best_ema_acc})
