@@ -688,7 +688,7 @@ USAGE = {
 }
 DATA = {
     "missing_dir": ["cifar10 not found under", "download failed", "Network is unreachable"],
-    "missing_file": ["not found under", "download failed"],
+    "missing_file": ["cifar10 copy under", "is incomplete: missing test_batch", "nothing was downloaded"],
     "truncated": ["data_batch_2 is not a readable CIFAR batch"],
     "text": ["data_batch_2 is not a readable CIFAR batch"],
     "no_data_key": ["data_batch_2 is not a readable CIFAR batch"],

@@ -82,12 +82,18 @@ def _missing(dataset, data_dir):
 def load_cifar(dataset, data_dir, download=True):
     """-> dict(train=(x, y), test=(x, y)) with x uint8 (N, 3, 32, 32) and y int64 (N,), on the CPU."""
     lay = LAYOUT[dataset]
-    if _missing(dataset, data_dir) and download:
+    missing, where = _missing(dataset, data_dir), f"{data_dir}/{lay['folder']}/"
+    if missing and len(missing) < len(lay["train"] + lay["test"]):
+        # a partial copy (an interrupted extraction, a lost file): downloading over it would hide what happened
+        raise DataError(f"the {dataset} copy under {where} is incomplete: missing {', '.join(missing)}; nothing "
+                        f"was downloaded over it: restore those files, or remove the folder to have the run download "
+                        f"{lay['url']} again")
+    if missing and download:
         try:
             _download(dataset, data_dir)
         except Exception as e:
             reason = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-            raise DataError(f"{dataset} not found under {data_dir}/{lay['folder']}/ and the download failed "
+            raise DataError(f"{dataset} not found under {where} and the download failed "
                             f"({reason}); download {lay['url']} and extract it into {data_dir}/") from None
     missing = _missing(dataset, data_dir)
     if missing:
