@@ -214,6 +214,34 @@ def test_main_reports_usage_error_in_one_line(capsys, tmp_path):
     assert not save.exists() and not logs.exists()
 
 
+GROUPS = ("data", "model", "recipe", "augmentation", "run", "checkpoints", "fine-tuning")
+
+
+def test_help_is_grouped_with_one_short_line_per_option():
+    """--help: every option in one of the groups, each with one line of help that fits beside it."""
+    parser = build_parser()
+    groups = {g.title: g for g in parser._action_groups}
+    assert set(GROUPS) <= set(groups)
+    placed = [a for t in GROUPS for a in groups[t]._group_actions]
+    assert {s for a in placed for s in a.option_strings} == \
+        {s for a in parser._actions for s in a.option_strings} - {"-h", "--help"}
+    for a in placed:
+        assert a.help and "\n" not in a.help and len(a.help) <= 52, (a.option_strings, a.help)
+    env = {**os.environ, "COLUMNS": "80"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train_mamba_baseline.py"), "--help"], env=env,
+                         capture_output=True, text=True, timeout=120).stdout
+    for title in GROUPS:
+        assert f"\n{title}:\n" in out
+    body = out[out.index("\ndata:\n"):]
+    assert not [line for line in body.splitlines() if line.startswith(" " * 4)], "a help line wrapped"
+
+
+def test_an_abbreviated_option_is_refused():
+    """--arc is not --arch: a prefix standing for an option would also slip past the launcher's EXTRA_ARGS check."""
+    with pytest.raises(UsageError, match="--arc"):
+        parse_config(["--arc", "mamba_tiny"])
+
+
 # ---- the real command line: one line on stderr, exit code 2, no traceback, nothing written ----------------
 
 CLI_BAD = {  # one per kind of check: the parser, the validation, the run's own setup (+ "defaults" below)
