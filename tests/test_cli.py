@@ -475,7 +475,7 @@ def test_a_first_evaluation_at_zero_percent_still_writes_best(tmp_path, cifar10_
     """A run whose every evaluation scores 0.00% (a diverged or tiny run) still ends with a _best.pth: the first
     evaluation is the best so far, whatever it scores (issue 23)."""
     from training import engine
-    monkeypatch.setattr(engine.Run, "evaluate", lambda self, model=None: (2.3, 0.0, 0.0))
+    monkeypatch.setattr(engine.Run, "evaluate", lambda self, model=None, data=None: (2.3, 0.0, 0.0))
     r = run(tmp_path, cifar10_dir, *PLAIN, "--epochs", "2", "--warmup_epochs", "0", "--train_subset", "8",
             "--test_subset", "8")
     best = r.ckpt("best")["position"]

@@ -19,7 +19,7 @@ SPEC_DEFAULTS = dict(
     min_lr=1e-5, warmup_lr=1e-6, eval_batch_size=1024, seed=0, device="auto", precision="auto", max_bad_steps=20,
     deterministic=False, compile=None, use_crop=True, use_flip=True, num_workers=0, train_subset=0,
     test_subset=0, resume=None, save_every_minutes=0.0, no_progress=False, model_ema=False, model_ema_decay=0.9999,
-    stem="conv", stem_auto=True, patch_size_auto=True, cuda_graphs=False,
+    stem="conv", stem_auto=True, patch_size_auto=True, cuda_graphs=False, val_size=0, split_seed=0,
 )
 
 
@@ -52,7 +52,8 @@ EVERY_FLAG = {
     "--data_dir": ("/tmp/d", "/tmp/d"), "--num_workers": ("2", 2), "--train_subset": ("100", 100),
     "--test_subset": ("50", 50), "--resume": ("auto", "auto"), "--save_freq": ("10", 10),
     "--save_every_minutes": ("1.5", 1.5), "--log_dir": ("/tmp/l", "/tmp/l"), "--run_id": ("abc", "abc"),
-    "--input_size": ("64", 64), "--model_ema_decay": ("0.999", 0.999),
+    "--input_size": ("64", 64), "--model_ema_decay": ("0.999", 0.999), "--val_size": ("200", 200),
+    "--split_seed": ("3", 3),
 }
 # --pretrained is parsed here; its effect (and its refusals) are tested in test_finetune_cli.py.
 PRETRAINED = {"--pretrained": ("/tmp/vim.pth", "/tmp/vim.pth")}

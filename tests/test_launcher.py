@@ -347,7 +347,8 @@ def test_extra_args_are_appended_and_word_split(launcher):
     ("--run_id a", "RUN_ID"), ("--device cpu", "ALLOW_CPU=true"), ("--gpu 1", "GPU_CIFAR10 / GPU_CIFAR100"),
     ("--data_dir /d", "DATA_ROOT"), ("--resume auto", "RESUME=true"), ("--lr 5e-4", "LR"),
     ("--weight_decay=0.1", "WEIGHT_DECAY"), ("--warmup_epochs 5", "WARMUP_EPOCHS"),
-    ("--mixup_alpha 0", "MIXUP_ALPHA"), ("--cutmix_alpha 0", "CUTMIX_ALPHA"), ("--label_smoothing 0", "LABEL_SMOOTHING")])
+    ("--mixup_alpha 0", "MIXUP_ALPHA"), ("--cutmix_alpha 0", "CUTMIX_ALPHA"),
+    ("--label_smoothing 0", "LABEL_SMOOTHING")])
 def test_extra_args_may_not_set_what_the_launcher_passes(launcher, extra, setting):
     """The launcher reports each run's log path and device from its own settings: EXTRA_ARGS overriding one of
     them would make the report wrong (issue 23), so it is refused, naming the setting to use."""

@@ -51,9 +51,12 @@ def build_parser():
                    help="holds cifar-10-batches-py/ or cifar-100-python/")
     d.add_argument("--train_subset", type=int, default=0, help="train on the first N training images only (0: all)")
     d.add_argument("--test_subset", type=int, default=0, help="evaluate on the first N test images only (0: all)")
+    d.add_argument("--val_size", type=int, default=0, help="hold out N training images to validate on (0: none)")
+    d.add_argument("--split_seed", type=int, default=0, help="which images --val_size holds out (default: 0)")
 
     m = p.add_argument_group("model")
-    m.add_argument("--arch", default="mamba_small", help=", ".join(v + " (default)" * (v == "mamba_small") for v in VARIANTS))
+    m.add_argument("--arch", default="mamba_small",
+                   help=", ".join(v + " (default)" * (v == "mamba_small") for v in VARIANTS))
     m.add_argument("--embed_dim", type=int, default=None, help="override the variant's width")
     m.add_argument("--depth", type=int, default=None, help="override the variant's depth")
     m.add_argument("--stem", default="auto", help="conv, patch or auto (default; README, Options)")
@@ -181,6 +184,9 @@ def parse_config(argv=None):
     mixing = (args.use_mixup and args.mixup_alpha > 0) or (args.use_cutmix and args.cutmix_alpha > 0)
     _check(not mixing or args.batch_size % 2 == 0, "--batch_size must be even when Mixup or CutMix is on")
     args.num_classes = DATASETS[args.dataset]
+    _check(args.val_size >= 0 and args.split_seed >= 0, "--val_size and --split_seed must be >= 0")
+    _check(args.val_size % args.num_classes == 0, f"--val_size must be a multiple of {args.dataset}'s "
+           f"{args.num_classes} classes (the same number of each is held out), got {args.val_size}")
     args.data_dir = args.data_dir or f"./datasets/{args.dataset}"
     args.save_dir = args.save_dir or f"./checkpoint/mamba_baseline/{args.dataset}"
     args.run_id = args.run_id or time.strftime("%Y%m%d_%H%M%S")

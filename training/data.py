@@ -6,6 +6,7 @@ Layout read (the one the CIFAR authors distribute):
 The pickles are read directly (no md5 check) with an unpickler that only builds numpy arrays and plain
 containers, so a hostile file cannot run code.
 """
+import hashlib
 import io
 import os
 import pickle
@@ -106,6 +107,30 @@ def load_cifar(dataset, data_dir, download=True):
         out[split] = (torch.from_numpy(np.concatenate([p[0] for p in parts])),
                       torch.from_numpy(np.concatenate([p[1] for p in parts])))
     return out
+
+
+def validation_split(labels, val_size, num_classes, split_seed):
+    """labels (N,) -> (train indices, validation indices), each sorted: val_size / num_classes images of every
+    class held out, chosen by split_seed alone (a generator of its own: the same on every rank, whatever --seed).
+    Raises ValueError when the split would leave nothing, or no image of some class, to train on."""
+    n, per_class = len(labels), val_size // num_classes
+    if val_size >= n:
+        raise ValueError(f"--val_size {val_size} leaves nothing to train on: the training set has {n} images")
+    counts = torch.bincount(labels, minlength=num_classes)
+    short = (counts <= per_class).nonzero().flatten().tolist()
+    if short:
+        raise ValueError(f"--val_size {val_size} holds out {per_class} image(s) of each class, but class {short[0]} "
+                         f"has {counts[short[0]]} in the training set: none would be left to train on")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    held = torch.cat([order[labels[order] == c][:per_class] for c in range(num_classes)]).sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[held] = False
+    return keep.nonzero().flatten(), held
+
+
+def split_hash(indices):
+    """A short name for a set of held-out indices: a checkpoint's split is recognised by it."""
+    return hashlib.sha256(indices.to(torch.int64).numpy().tobytes()).hexdigest()[:12]
 
 
 def epoch_permutation(num_examples, seed, epoch):
