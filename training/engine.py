@@ -297,7 +297,8 @@ class Run:
         if self.ckpt:
             self.log.rewrite_jsonl(self.pos.history)
             self.log.info(f"resumed from {self.resume_path} (log {self.ckpt['log_path']}): epoch {self.pos.epoch}, "
-                          f"step {self.pos.step_in_epoch} of {self.steps_per_epoch}, best {self.pos.best_acc:.2f}%")
+                          f"step {self.pos.step_in_epoch} of {self.steps_per_epoch}, best {'val ' * bool(self.split)}"
+                          f"{self.pos.best_acc:.2f}%")
             self._note_changed_settings()
         n_params = sum(p.numel() for p in self.model.parameters())
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
