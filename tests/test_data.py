@@ -115,6 +115,15 @@ def test_a_partial_copy_names_its_missing_files_and_is_not_downloaded_over(tmp_p
     assert "nothing was downloaded" in msg and "remove the folder" in msg
 
 
+@pytest.mark.parametrize("dataset,folder,meta", [("cifar10", C10, "batches.meta"), ("cifar100", C100, "meta")])
+def test_a_copy_of_only_the_label_names_is_partial_too(tmp_path, monkeypatch, dataset, folder, meta):
+    monkeypatch.setattr(data_mod, "_download", lambda *a: pytest.fail("must not download over a partial copy"))
+    os.makedirs(tmp_path / folder)
+    (tmp_path / folder / meta).write_bytes(b"label names")
+    with pytest.raises(DataError, match="is incomplete: missing"):
+        load_cifar(dataset, str(tmp_path), download=True)
+
+
 def test_download_that_leaves_files_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod, "_download", lambda *a: None)
     with pytest.raises(DataError) as e:

@@ -22,10 +22,10 @@ MEAN_STD = {
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 LAYOUT = {
     "cifar10": dict(folder="cifar-10-batches-py", label_key="labels", num_classes=10,
-                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"], meta="batches.meta",
                     url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
     "cifar100": dict(folder="cifar-100-python", label_key="fine_labels", num_classes=100,
-                     train=["train"], test=["test"],
+                     train=["train"], test=["test"], meta="meta",
                      url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
 }
 
@@ -84,7 +84,9 @@ def load_cifar(dataset, data_dir, download=True):
     """-> dict(train=(x, y), test=(x, y)) with x uint8 (N, 3, 32, 32) and y int64 (N,), on the CPU."""
     lay = LAYOUT[dataset]
     missing, where = _missing(dataset, data_dir), f"{data_dir}/{lay['folder']}/"
-    if missing and len(missing) < len(lay["train"] + lay["test"]):
+    # the label names (batches.meta, meta) are not read, but they too show that a copy was begun here
+    begun = len(missing) < len(lay["train"] + lay["test"]) or os.path.isfile(os.path.join(where, lay["meta"]))
+    if missing and begun:
         # a partial copy (an interrupted extraction, a lost file): downloading over it would hide what happened
         raise DataError(f"the {dataset} copy under {where} is incomplete: missing {', '.join(missing)}; nothing "
                         f"was downloaded over it: restore those files, or remove the folder to have the run download "
