@@ -6,7 +6,8 @@
 #   RUN_QUICK_TEST=true ./run_mamba_baseline.sh          # 30 epochs, 3 warm-up epochs
 #   RESUME=true ./run_mamba_baseline.sh                  # continue from the last checkpoints
 #   ALLOW_CPU=true ./run_mamba_baseline.sh               # no GPU: run on the CPU (slow)
-#   EXTRA_ARGS="--num_workers 8" ./run_mamba_baseline.sh # appended to every command
+#   EXTRA_ARGS="--val_size 5000" ./run_mamba_baseline.sh # appended to every command (not the options this script
+#                                                        # passes: --arch in it is refused, use ARCH_CIFAR10...)
 #   LR=5e-4 ./run_mamba_baseline.sh                      # the recipe's numbers too (see "The guide's recipe")
 #   NPROC=2 RUN_CIFAR100=false ./run_mamba_baseline.sh   # one CIFAR-10 run over GPUs 0,1 (torchrun, DDP)
 #
@@ -33,7 +34,7 @@ CKPT_DIR="${CKPT_DIR:-./checkpoint/mamba_baseline}"
 DATA_ROOT="${DATA_ROOT:-./datasets}"
 PYTHON="${PYTHON:-python3}"
 ALLOW_CPU="${ALLOW_CPU:-false}"             # true -> run on the CPU when no GPU is found
-EXTRA_ARGS="${EXTRA_ARGS:-}"                # appended verbatim (word-split) to each command
+EXTRA_ARGS="${EXTRA_ARGS:-}"                # appended (word-split) to each command; not options set here
 RESUME="${RESUME:-false}"                   # true -> --resume auto
 NPROC="${NPROC:-1}"                         # GPUs per run: >1 runs each data set over NPROC GPUs with torchrun
 RUN_ID="${RUN_ID:-$(date +%Y%m%d_%H%M%S)}"  # the logs' name part (--run_id): the launch time
