@@ -6,7 +6,9 @@
 #   RUN_QUICK_TEST=true ./run_mamba_baseline.sh          # 30 epochs, 3 warm-up epochs
 #   RESUME=true ./run_mamba_baseline.sh                  # continue from the last checkpoints
 #   ALLOW_CPU=true ./run_mamba_baseline.sh               # no GPU: run on the CPU (slow)
-#   EXTRA_ARGS="--num_workers 8" ./run_mamba_baseline.sh # appended to every command
+#   EXTRA_ARGS="--val_size 5000" ./run_mamba_baseline.sh # appended to every command (not the options this script
+#                                                        # passes: --arch in it is refused, use ARCH_CIFAR10...)
+#   LR=5e-4 ./run_mamba_baseline.sh                      # the recipe's numbers too (see "The guide's recipe")
 #   NPROC=2 RUN_CIFAR100=false ./run_mamba_baseline.sh   # one CIFAR-10 run over GPUs 0,1 (torchrun, DDP)
 #
 # The script returns at once; the runs go on under nohup. Each run writes
@@ -32,17 +34,18 @@ CKPT_DIR="${CKPT_DIR:-./checkpoint/mamba_baseline}"
 DATA_ROOT="${DATA_ROOT:-./datasets}"
 PYTHON="${PYTHON:-python3}"
 ALLOW_CPU="${ALLOW_CPU:-false}"             # true -> run on the CPU when no GPU is found
-EXTRA_ARGS="${EXTRA_ARGS:-}"                # appended verbatim (word-split) to each command
+EXTRA_ARGS="${EXTRA_ARGS:-}"                # appended (word-split) to each command; not options set here
 RESUME="${RESUME:-false}"                   # true -> --resume auto
 NPROC="${NPROC:-1}"                         # GPUs per run: >1 runs each data set over NPROC GPUs with torchrun
+RUN_ID="${RUN_ID:-$(date +%Y%m%d_%H%M%S)}"  # the logs' name part (--run_id): the launch time
 
 # The guide's training recipe.
-LR=1e-3
-WEIGHT_DECAY=0.05
-WARMUP_EPOCHS=20
-MIXUP_ALPHA=0.8
-CUTMIX_ALPHA=1.0
-LABEL_SMOOTHING=0.1
+LR="${LR:-1e-3}"
+WEIGHT_DECAY="${WEIGHT_DECAY:-0.05}"
+WARMUP_EPOCHS="${WARMUP_EPOCHS:-}"          # default 20; 3 with RUN_QUICK_TEST=true
+MIXUP_ALPHA="${MIXUP_ALPHA:-0.8}"
+CUTMIX_ALPHA="${CUTMIX_ALPHA:-1.0}"
+LABEL_SMOOTHING="${LABEL_SMOOTHING:-0.1}"
 
 TRAIN_SCRIPT=train_mamba_baseline.py
 SELF="$(basename "$0")"
@@ -66,6 +69,43 @@ is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 is_uint "$EPOCHS" && [ "$EPOCHS" -gt 0 ] || die 2 "EPOCHS must be a positive integer, got '$EPOCHS'"
 is_uint "$BATCH_SIZE" && [ "$BATCH_SIZE" -gt 0 ] || die 2 "BATCH_SIZE must be a positive integer, got '$BATCH_SIZE'"
 is_uint "$NPROC" && [ "$NPROC" -gt 0 ] || die 2 "NPROC must be a positive integer, got '$NPROC'"
+for var in LR WEIGHT_DECAY WARMUP_EPOCHS MIXUP_ALPHA CUTMIX_ALPHA LABEL_SMOOTHING; do
+    [ -z "${!var}" ] || [[ "${!var}" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] \
+        || die 2 "$var must be a number >= 0, got '${!var}'"
+done
+[[ "$RUN_ID" =~ ^[A-Za-z0-9._-]+$ ]] || die 2 "RUN_ID may hold only letters, digits, '.', '_' and '-', got '$RUN_ID'"
+
+EXTRA=()
+if [ -n "$EXTRA_ARGS" ]; then
+    read -r -a EXTRA <<< "$EXTRA_ARGS"
+fi
+launcher_setting() {  # the setting of this script that passes trainer option $1 (nothing: not one it passes)
+    case "$1" in
+        --dataset) echo "RUN_CIFAR10 / RUN_CIFAR100" ;;
+        --arch) echo "ARCH_CIFAR10 / ARCH_CIFAR100" ;;
+        --epochs) echo "EPOCHS (or RUN_QUICK_TEST=true)" ;;
+        --batch_size) echo "BATCH_SIZE" ;;
+        --gpu) echo "GPU_CIFAR10 / GPU_CIFAR100 (NPROC for several)" ;;
+        --device) echo "ALLOW_CPU=true" ;;
+        --data_dir) echo "DATA_ROOT" ;;
+        --save_dir) echo "CKPT_DIR" ;;
+        --log_dir) echo "LOG_DIR" ;;
+        --run_id) echo "RUN_ID" ;;
+        --resume) echo "RESUME=true" ;;
+        --lr) echo "LR" ;;
+        --weight_decay) echo "WEIGHT_DECAY" ;;
+        --warmup_epochs) echo "WARMUP_EPOCHS" ;;
+        --mixup_alpha) echo "MIXUP_ALPHA" ;;
+        --cutmix_alpha) echo "CUTMIX_ALPHA" ;;
+        --label_smoothing) echo "LABEL_SMOOTHING" ;;
+    esac
+}
+# The launcher prints each run's log path and device from its own settings: the same option in EXTRA_ARGS would
+# win in the trainer and make that report wrong.
+for word in ${EXTRA[@]+"${EXTRA[@]}"}; do
+    setting="$(launcher_setting "${word%%=*}")"
+    [ -z "$setting" ] || die 2 "EXTRA_ARGS sets ${word%%=*}, which the launcher passes itself; use $setting instead"
+done
 
 DATASETS=()
 [ "$RUN_CIFAR10" = true ] && DATASETS+=(cifar10)
@@ -82,8 +122,9 @@ command -v "$PYTHON" >/dev/null 2>&1 || die 2 "PYTHON='$PYTHON' is not an execut
 
 if [ "$RUN_QUICK_TEST" = true ]; then
     EPOCHS=30
-    WARMUP_EPOCHS=3
+    WARMUP_EPOCHS="${WARMUP_EPOCHS:-3}"
 fi
+WARMUP_EPOCHS="${WARMUP_EPOCHS:-20}"
 
 # ----------------------------------------------------------------------------- devices
 NUM_GPUS=0
@@ -121,12 +162,7 @@ fi
 
 # ----------------------------------------------------------------------------- launch
 mkdir -p "$LOG_DIR"
-TS="$(date +%Y%m%d_%H%M%S)"
-
-EXTRA=()
-if [ -n "$EXTRA_ARGS" ]; then
-    read -r -a EXTRA <<< "$EXTRA_ARGS"
-fi
+TS="$RUN_ID"
 
 PIDS=()
 echo "Run id: $TS   epochs: $EPOCHS   batch size: $BATCH_SIZE   resume: $RESUME"

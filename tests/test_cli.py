@@ -469,3 +469,15 @@ def test_conv_stem_strides_resume_as_made(tmp_path, cifar10_dir, capsys):
     assert train_mamba_baseline.main(args("2", None, "--resume", "auto")) == 0
     assert run.ckpt()["position"]["epoch"] == 2 and run.ckpt()["config"]["patch_size"] == 4
     assert "65 tokens (conv stem, stride 4)" in run.log()
+
+
+def test_a_first_evaluation_at_zero_percent_still_writes_best(tmp_path, cifar10_dir, monkeypatch):
+    """A run whose every evaluation scores 0.00% (a diverged or tiny run) still ends with a _best.pth: the first
+    evaluation is the best so far, whatever it scores (issue 23)."""
+    from training import engine
+    monkeypatch.setattr(engine.Run, "evaluate", lambda self, model=None, data=None: (2.3, 0.0, 0.0))
+    r = run(tmp_path, cifar10_dir, *PLAIN, "--epochs", "2", "--warmup_epochs", "0", "--train_subset", "8",
+            "--test_subset", "8")
+    best = r.ckpt("best")["position"]
+    assert (best["best_acc"], best["best_epoch"], best["epoch"]) == (0.0, 1, 1)
+    assert "best top-1 0.00% at epoch 1" in r.log()

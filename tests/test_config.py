@@ -19,7 +19,7 @@ SPEC_DEFAULTS = dict(
     min_lr=1e-5, warmup_lr=1e-6, eval_batch_size=1024, seed=0, device="auto", precision="auto", max_bad_steps=20,
     deterministic=False, compile=None, use_crop=True, use_flip=True, num_workers=0, train_subset=0,
     test_subset=0, resume=None, save_every_minutes=0.0, no_progress=False, model_ema=False, model_ema_decay=0.9999,
-    stem="conv", stem_auto=True, patch_size_auto=True, cuda_graphs=False,
+    stem="conv", stem_auto=True, patch_size_auto=True, cuda_graphs=False, val_size=0, split_seed=0,
 )
 
 
@@ -52,7 +52,8 @@ EVERY_FLAG = {
     "--data_dir": ("/tmp/d", "/tmp/d"), "--num_workers": ("2", 2), "--train_subset": ("100", 100),
     "--test_subset": ("50", 50), "--resume": ("auto", "auto"), "--save_freq": ("10", 10),
     "--save_every_minutes": ("1.5", 1.5), "--log_dir": ("/tmp/l", "/tmp/l"), "--run_id": ("abc", "abc"),
-    "--input_size": ("64", 64), "--model_ema_decay": ("0.999", 0.999),
+    "--input_size": ("64", 64), "--model_ema_decay": ("0.999", 0.999), "--val_size": ("200", 200),
+    "--split_seed": ("3", 3),
 }
 # --pretrained is parsed here; its effect (and its refusals) are tested in test_finetune_cli.py.
 PRETRAINED = {"--pretrained": ("/tmp/vim.pth", "/tmp/vim.pth")}
@@ -212,6 +213,34 @@ def test_main_reports_usage_error_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("train_mamba_baseline.py: error: --epochs")
     assert not save.exists() and not logs.exists()
+
+
+GROUPS = ("data", "model", "recipe", "augmentation", "run", "checkpoints", "fine-tuning")
+
+
+def test_help_is_grouped_with_one_short_line_per_option():
+    """--help: every option in one of the groups, each with one line of help that fits beside it."""
+    parser = build_parser()
+    groups = {g.title: g for g in parser._action_groups}
+    assert set(GROUPS) <= set(groups)
+    placed = [a for t in GROUPS for a in groups[t]._group_actions]
+    assert {s for a in placed for s in a.option_strings} == \
+        {s for a in parser._actions for s in a.option_strings} - {"-h", "--help"}
+    for a in placed:
+        assert a.help and "\n" not in a.help and len(a.help) <= 52, (a.option_strings, a.help)
+    env = {**os.environ, "COLUMNS": "80"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train_mamba_baseline.py"), "--help"], env=env,
+                         capture_output=True, text=True, timeout=120).stdout
+    for title in GROUPS:
+        assert f"\n{title}:\n" in out
+    body = out[out.index("\ndata:\n"):]
+    assert not [line for line in body.splitlines() if line.startswith(" " * 4)], "a help line wrapped"
+
+
+def test_an_abbreviated_option_is_refused():
+    """--arc is not --arch: a prefix standing for an option would also slip past the launcher's EXTRA_ARGS check."""
+    with pytest.raises(UsageError, match="--arc"):
+        parse_config(["--arc", "mamba_tiny"])
 
 
 # ---- the real command line: one line on stderr, exit code 2, no traceback, nothing written ----------------

@@ -96,6 +96,34 @@ def test_missing_files_without_download(tmp_path, monkeypatch):
     assert "data_batch_3" in str(e.value) and "cifar-10-python.tar.gz" in str(e.value)
 
 
+@pytest.mark.parametrize("dataset,folder,remove", [
+    ("cifar10", C10, ["data_batch_2", "data_batch_5"]), ("cifar10", C10, ["test_batch"]),
+    ("cifar100", C100, ["train"]), ("cifar100", C100, ["test"])])
+@pytest.mark.parametrize("download", [True, False])
+def test_a_partial_copy_names_its_missing_files_and_is_not_downloaded_over(tmp_path, monkeypatch, dataset, folder,
+                                                                           remove, download):
+    """Some of the files there, some not: one line naming the missing ones, and no download (issue 23)."""
+    monkeypatch.setattr(data_mod, "_download", lambda *a: pytest.fail("must not download over a partial copy"))
+    d = make_cifar(str(tmp_path), dataset, n_train=10, n_test=4)
+    for f in remove:
+        os.remove(os.path.join(d, folder, f))
+    with pytest.raises(DataError) as e:
+        load_cifar(dataset, d, download=download)
+    msg = str(e.value)
+    assert "\n" not in msg and f"{d}/{folder}/" in msg and "incomplete" in msg
+    assert f"missing {', '.join(remove)}" in msg and "download failed" not in msg
+    assert "nothing was downloaded" in msg and "remove the folder" in msg
+
+
+@pytest.mark.parametrize("dataset,folder,meta", [("cifar10", C10, "batches.meta"), ("cifar100", C100, "meta")])
+def test_a_copy_of_only_the_label_names_is_partial_too(tmp_path, monkeypatch, dataset, folder, meta):
+    monkeypatch.setattr(data_mod, "_download", lambda *a: pytest.fail("must not download over a partial copy"))
+    os.makedirs(tmp_path / folder)
+    (tmp_path / folder / meta).write_bytes(b"label names")
+    with pytest.raises(DataError, match="is incomplete: missing"):
+        load_cifar(dataset, str(tmp_path), download=True)
+
+
 def test_download_that_leaves_files_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod, "_download", lambda *a: None)
     with pytest.raises(DataError) as e:

@@ -1,5 +1,7 @@
 """DDP on the CPU: 2 gloo processes under torchrun train one run; compared with 1 process at the same global batch."""
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -36,6 +38,7 @@ RUNNER = textwrap.dedent("""
     os.makedirs(cfg.save_dir, exist_ok=True)
     run = Run(cfg)
     run.setup()
+    print("SPLIT", run.rank, run.split["held_out"] if run.split else None, len(run.train_data), flush=True)
     stop_at = int(os.environ.get("STOP_AT_STEP", "0"))
     if stop_at:  # as if `kill` arrived during step stop_at (ranks agree on stopping every 10 steps)
         step, calls = run.step, [0]
@@ -160,6 +163,22 @@ def test_epoch_boundary_checkpoint_moves_to_more_processes_at_the_same_global_ba
             assert "differ from the checkpoint's" not in log
         else:
             assert "differ from the checkpoint's: processes 1 -> 2; global batch 8 -> 16" in log
+
+
+def test_every_rank_holds_out_the_same_validation_split(tmp_path):
+    """--val_size under DDP: the split follows --split_seed alone, so every rank holds out the same images (those
+    of one process), trains on its shard of the rest, and evaluates its slice of the validation split."""
+    from training.data import load_cifar, split_hash, validation_split
+    data = make_cifar(str(tmp_path / "data"), n_train=100, n_test=16)  # at least 6 images of each class
+    args = tiny_args(tmp_path, data, *DETERMINISTIC, "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "4",
+                     "--val_size", "20", "--split_seed", "5")
+    out = run_procs(tmp_path, 2, args)
+    held = split_hash(validation_split(load_cifar("cifar10", data, download=False)["train"][1], 20, 10, 5)[1])
+    assert sorted(re.findall(r"SPLIT \d \w+ \d+", out)) == [f"SPLIT 0 {held} 80", f"SPLIT 1 {held} 80"], out
+    rec = json.loads((tmp_path / "logs" / "mamba_tiny_cifar10_baseline_test.jsonl").read_text())
+    assert rec["val_acc"] * 20 / 100 == pytest.approx(round(rec["val_acc"] * 20 / 100))  # of all 20, not a slice
+    ck = torch.load(tmp_path / "ckpt" / "mamba_tiny_cifar10_last.pth", weights_only=True)
+    assert ck["split"] == {"val_size": 20, "split_seed": 5, "held_out": held}
 
 
 @pytest.mark.parametrize("where", ["Run()", "setup"])

@@ -82,7 +82,8 @@ class Launcher:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("RUN_", "ARCH_", "GPU_", "FAKE_")) and k not in (
                    "EPOCHS", "BATCH_SIZE", "LOG_DIR", "CKPT_DIR", "DATA_ROOT", "PYTHON", "ALLOW_CPU",
-                   "EXTRA_ARGS", "RESUME", "NPROC")}
+                   "EXTRA_ARGS", "RESUME", "NPROC", "RUN_ID", "LR", "WEIGHT_DECAY", "WARMUP_EPOCHS",
+                   "MIXUP_ALPHA", "CUTMIX_ALPHA", "LABEL_SMOOTHING")}
         base_path = _path_without_nvidia_smi()
         env.update(
             PATH=(str(self.bin) + os.pathsep + base_path) if nvidia_smi else base_path,
@@ -337,6 +338,50 @@ def test_extra_args_are_appended_and_word_split(launcher):
     assert proc.returncode == 0, proc.stderr
     argv = launcher.argv("cifar100")
     assert argv[-3:] == ["--num_workers", "8", "--amp"]
+
+
+@pytest.mark.parametrize("extra,setting", [
+    ("--arch mamba_tiny", "ARCH_CIFAR10 / ARCH_CIFAR100"), ("--arch=mamba_tiny", "ARCH_CIFAR10 / ARCH_CIFAR100"),
+    ("--num_workers 2 --dataset cifar100", "RUN_CIFAR10 / RUN_CIFAR100"), ("--epochs=5", "EPOCHS"),
+    ("--batch_size 64", "BATCH_SIZE"), ("--save_dir /x", "CKPT_DIR"), ("--log_dir=/x", "LOG_DIR"),
+    ("--run_id a", "RUN_ID"), ("--device cpu", "ALLOW_CPU=true"), ("--gpu 1", "GPU_CIFAR10 / GPU_CIFAR100"),
+    ("--data_dir /d", "DATA_ROOT"), ("--resume auto", "RESUME=true"), ("--lr 5e-4", "LR"),
+    ("--weight_decay=0.1", "WEIGHT_DECAY"), ("--warmup_epochs 5", "WARMUP_EPOCHS"),
+    ("--mixup_alpha 0", "MIXUP_ALPHA"), ("--cutmix_alpha 0", "CUTMIX_ALPHA"),
+    ("--label_smoothing 0", "LABEL_SMOOTHING")])
+def test_extra_args_may_not_set_what_the_launcher_passes(launcher, extra, setting):
+    """The launcher reports each run's log path and device from its own settings: EXTRA_ARGS overriding one of
+    them would make the report wrong (issue 23), so it is refused, naming the setting to use."""
+    proc = launcher.run(EXTRA_ARGS=extra)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    option = [w for w in extra.split() if w.startswith("--") and not w.startswith("--num")][0].split("=")[0]
+    assert len(err) == 1 and f"EXTRA_ARGS sets {option}," in err[0] and f"use {setting}" in err[0], proc.stderr
+    time.sleep(0.3)
+    assert launcher.started() == [] and proc.runs == {}
+
+
+def test_the_recipe_and_run_id_come_from_the_environment(launcher):
+    proc = launcher.run(RUN_CIFAR100="false", LR="5e-4", WEIGHT_DECAY="0.1", WARMUP_EPOCHS="2", MIXUP_ALPHA="0",
+                        CUTMIX_ALPHA="0.5", LABEL_SMOOTHING="0", RUN_ID="ablation1", EXTRA_ARGS="--arch_note=x")
+    assert proc.returncode == 0, proc.stderr
+    argv = launcher.argv("cifar10")
+    assert [opt(argv, o) for o in ("--lr", "--weight_decay", "--warmup_epochs", "--mixup_alpha", "--cutmix_alpha",
+                                   "--label_smoothing", "--run_id")] == ["5e-4", "0.1", "2", "0", "0.5", "0",
+                                                                        "ablation1"]
+    assert proc.runs["cifar10"]["log"] == f"{launcher.log_dir}/mamba_small_cifar10_baseline_ablation1.log"
+    assert argv[-1] == "--arch_note=x"  # an option that merely starts like one the launcher passes goes through
+    quick = launcher.run(RUN_QUICK_TEST="true", WARMUP_EPOCHS="1", RUN_CIFAR10="false", GPU_CIFAR100="0")
+    assert quick.returncode == 0 and opt(launcher.argv("cifar100"), "--warmup_epochs") == "1"
+
+
+@pytest.mark.parametrize("var,value", [("LR", "fast"), ("WARMUP_EPOCHS", "-1"), ("RUN_ID", "a b/c")])
+def test_bad_recipe_value_or_run_id_exits_2(launcher, var, value):
+    proc = launcher.run(**{var: value})
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and var in err[0], proc.stderr
+    assert launcher.started() == []
 
 
 @pytest.mark.parametrize("var", ["RUN_CIFAR10", "RUN_CIFAR100", "RUN_QUICK_TEST", "ALLOW_CPU", "RESUME"])

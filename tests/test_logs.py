@@ -30,3 +30,17 @@ def test_time_left_follows_the_pace_of_the_last_whole_epochs(tmp_path, monkeypat
     short.epoch(rec(2), 4)
     short.close()
     assert (tmp_path / "s.log").read_text().splitlines()[1].endswith("| left 0m25s")   # 2 x 12.5 s
+
+
+def test_the_epoch_line_shows_validation_beside_test(tmp_path):
+    """--val_size: val loss/acc (top-5 on CIFAR-100) before the test ones, the EMA's of both, and the best is
+    validation's; without a split the line is as before."""
+    log = RunLog(str(tmp_path / "r.log"), str(tmp_path / "r.jsonl"), echo=False)
+    log.epoch(dict(rec(1), val_loss=1.5, val_acc=40.0, val_acc5=70.0, test_acc5=75.0, ema_acc=45.0,
+                   ema_val_acc=41.0, best_acc=40.0), 2)
+    log.epoch(rec(2), 2)
+    log.close()
+    with_val, plain = (tmp_path / "r.log").read_text().splitlines()
+    assert ("| val loss 1.5000 acc 40.00 top5 70.00 | test loss 1.0000 acc 50.00 top5 75.00 | ema val 41.00 test "
+            "45.00 | best val 40.00 |") in with_val
+    assert "| test loss 1.0000 acc 50.00 | best 50.00 |" in plain and "val" not in plain

@@ -234,3 +234,32 @@ def test_ema_accuracy_is_dashed_beside_test_acc_in_the_same_colour(tmp_path, mon
     path = write_jsonl(tmp_path / "ema.jsonl", ema)
     assert pc.main([str(path), "-o", str(tmp_path / "cli.png")]) == 0
     check_png(tmp_path / "cli.png")
+
+
+def test_a_validation_split_is_drawn_and_summarised(tmp_path, monkeypatch, capsys):
+    """--val_size runs: val_acc dotted and ema_val_acc dash-dot beside test_acc, val_loss dotted beside the test
+    loss; the summary's best is the best validation epoch, with the test top-1 there (issue 22)."""
+    import matplotlib.pyplot as plt
+    val = [record(e, 30 + 5 * e, val_loss=1.6, val_acc=[20.0, 50.0, 40.0][e - 1], ema_acc=25.0, ema_loss=1.5,
+                  ema_val_acc=22.0 + e, best_acc=[20.0, 50.0, 50.0][e - 1]) for e in range(1, 4)]
+    out = tmp_path / "val.png"
+    fig = _kept_figure(monkeypatch, [("split", val), ("plain", [record(1, 10.0)])], out)
+    try:
+        check_png(out)
+        acc = {line.get_label(): line for line in fig.axes[0].get_lines()}
+        assert sorted(acc) == ["plain", "split", "split EMA", "split EMA val", "split val"]
+        assert acc["split val"].get_linestyle() == ":" and acc["split EMA val"].get_linestyle() == "-."
+        assert acc["split val"].get_color() == acc["split"].get_color()
+        assert list(acc["split val"].get_ydata()) == [20.0, 50.0, 40.0]
+        loss = {line.get_label(): line for line in fig.axes[1].get_lines()}
+        assert loss["split val"].get_linestyle() == ":" and "plain val" not in loss
+        assert "validation" in fig.axes[0].get_title()
+    finally:
+        plt.close(fig)
+    s = pc.summarize(val)
+    assert (s["val_best_acc"], s["val_best_epoch"], s["test_at_val_best"]) == (50.0, 2, 40.0)
+    assert (s["best_acc"], s["best_epoch"]) == (45.0, 3)  # the test set's own best, not best_acc (validation's)
+    assert pc.summarize([record(1, 10.0)])["val_best_acc"] is None
+    path = write_jsonl(tmp_path / "val.jsonl", val)
+    assert pc.main([str(path), "-o", str(tmp_path / "cli.png")]) == 0
+    assert "best val top-1 50.00% (epoch 2), test top-1 there 40.00%" in capsys.readouterr().out

@@ -685,10 +685,13 @@ USAGE = {
     "warmup_exceeds_epochs": (["--warmup_epochs", "7"], ["must be shorter than --epochs"]),
     "not_a_number": (["--epochs", "three"], ["--epochs", "three"]),
     "unknown_flag": (["--learning_rate", "1"], ["--learning_rate"]),
+    "abbreviated_flag": (["--epo", "5"], ["unrecognized arguments: --epo"]),
+    "val_size_not_per_class": (["--val_size", "15"], ["--val_size must be a multiple of cifar10's 10 classes"]),
+    "negative_val_size": (["--val_size", "-10"], ["--val_size and --split_seed must be >= 0"]),
 }
 DATA = {
     "missing_dir": ["cifar10 not found under", "download failed", "Network is unreachable"],
-    "missing_file": ["not found under", "download failed"],
+    "missing_file": ["cifar10 copy under", "is incomplete: missing test_batch", "nothing was downloaded"],
     "truncated": ["data_batch_2 is not a readable CIFAR batch"],
     "text": ["data_batch_2 is not a readable CIFAR batch"],
     "no_data_key": ["data_batch_2 is not a readable CIFAR batch"],

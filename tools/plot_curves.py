@@ -13,6 +13,9 @@ Each line of a ``.jsonl`` file is one epoch record, e.g.::
 run appending to the same file) the later line wins. The PNG has two panels: test top-1 accuracy vs
 epoch, and train loss (solid) / test loss (dashed) vs epoch, one colour per run. A run trained with
 --model_ema also has ``ema_acc``, the EMA weights' top-1: drawn dashed beside its test_acc, same colour.
+A run with a validation split (--val_size) also has ``val_acc`` / ``val_loss`` (dotted) and, with
+--model_ema, ``ema_val_acc`` (dash-dot); its best epoch is the best validation one, and the summary gives
+the test top-1 of that epoch.
 ``--reference`` overlays the user's guide's expected top-1 accuracy points.
 """
 from __future__ import annotations
@@ -96,21 +99,33 @@ def _series(records, key):
     return xs, ys
 
 
+def _best(records, key):
+    """(best value, the first epoch reaching it) of ``key``; (None, None) without a finite one."""
+    best, best_epoch = None, None
+    for epoch, acc in zip(*_series(records, key)):
+        if math.isfinite(acc) and (best is None or acc > best):
+            best, best_epoch = acc, epoch
+    return best, best_epoch
+
+
 def summarize(records) -> dict:
-    """Final and best top-1 accuracy of one run (None where the run has no accuracy yet)."""
+    """Final and best top-1 accuracy of one run (None where the run has no accuracy yet); with a validation split
+    also its best validation top-1, and the test top-1 at that epoch."""
     epochs, accs = _series(records, "test_acc")
-    finite = [(a, e) for e, a in zip(epochs, accs) if math.isfinite(a)]
     final = accs[-1] if accs else None
     final_epoch = epochs[-1] if epochs else None
-    best, best_epoch = None, None
-    for acc, epoch in finite:  # the first epoch reaching the best accuracy
-        if best is None or acc > best:
-            best, best_epoch = acc, epoch
-    # The trainer's running best can predate this file (a resumed run); take it when it is higher.
+    best, best_epoch = _best(records, "test_acc")
+    val_best, val_epoch = _best(records, "val_acc")
+    # The trainer's running best (of validation with a split, else of test) can predate this file (a resumed run);
+    # take it when it is higher.
     _, recorded = _series(records, "best_acc")
     recorded = [v for v in recorded if math.isfinite(v)]
-    if recorded and (best is None or max(recorded) > best):
+    if val_best is not None:
+        if recorded and max(recorded) > val_best:
+            val_best, val_epoch = max(recorded), None
+    elif recorded and (best is None or max(recorded) > best):
         best, best_epoch = max(recorded), None
+    test_there = dict(zip(epochs, accs)).get(val_epoch)
     return {
         "first_epoch": int(records[0]["epoch"]),
         "last_epoch": int(records[-1]["epoch"]),
@@ -118,6 +133,9 @@ def summarize(records) -> dict:
         "final_epoch": final_epoch,
         "best_acc": best,
         "best_epoch": best_epoch,
+        "val_best_acc": val_best,
+        "val_best_epoch": val_epoch,
+        "test_at_val_best": test_there,
     }
 
 
@@ -136,15 +154,17 @@ def plot(runs, out, title=None, reference=None) -> None:
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(13, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
-    any_test_loss = False
+    any_test_loss = any_val = False
     for i, (label, records) in enumerate(runs):
         color = colors[i % len(colors)]
         xs, ys = _series(records, "test_acc")
         if xs:
             ax_acc.plot(xs, ys, color=color, label=label, marker=_marker(xs))
-        xs, ys = _series(records, "ema_acc")
-        if xs:
-            ax_acc.plot(xs, ys, color=color, linestyle="--", label=f"{label} EMA", marker=_marker(xs))
+        for key, style, name in (("ema_acc", "--", "EMA"), ("val_acc", ":", "val"), ("ema_val_acc", "-.", "EMA val")):
+            xs, ys = _series(records, key)
+            if xs:
+                any_val = any_val or key == "val_acc"
+                ax_acc.plot(xs, ys, color=color, linestyle=style, label=f"{label} {name}", marker=_marker(xs))
         xs, ys = _series(records, "train_loss")
         if xs:
             ax_loss.plot(xs, ys, color=color, label=f"{label} train", marker=_marker(xs))
@@ -152,6 +172,9 @@ def plot(runs, out, title=None, reference=None) -> None:
         if xs:
             any_test_loss = True
             ax_loss.plot(xs, ys, color=color, linestyle="--", label=f"{label} test", marker=_marker(xs))
+        xs, ys = _series(records, "val_loss")
+        if xs:
+            ax_loss.plot(xs, ys, color=color, linestyle=":", label=f"{label} val", marker=_marker(xs))
 
     if reference:
         ref_x, ref_y = zip(*REFERENCE_CURVES[reference])
@@ -159,8 +182,8 @@ def plot(runs, out, title=None, reference=None) -> None:
                     label=f"guide reference ({REFERENCE_NAMES[reference]})")
 
     ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("test top-1 accuracy (%)")
-    ax_acc.set_title("Test accuracy")
+    ax_acc.set_ylabel("top-1 accuracy (%)" if any_val else "test top-1 accuracy (%)")
+    ax_acc.set_title("Test (solid) and validation (dotted) accuracy" if any_val else "Test accuracy")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("Train / test loss" if any_test_loss else "Train loss")
@@ -219,7 +242,11 @@ def main(argv=None) -> int:
         final = _fmt(s["final_acc"])
         if s["final_epoch"] is not None:
             final += f" (epoch {s['final_epoch']})"
-        print(f"  {label}: epochs {s['first_epoch']}-{s['last_epoch']}, final top-1 {final}, best top-1 {best}")
+        val = ""
+        if s["val_best_acc"] is not None:
+            at = f" (epoch {s['val_best_epoch']})" if s["val_best_epoch"] is not None else ""
+            val = f", best val top-1 {_fmt(s['val_best_acc'])}{at}, test top-1 there {_fmt(s['test_at_val_best'])}"
+        print(f"  {label}: epochs {s['first_epoch']}-{s['last_epoch']}, final top-1 {final}, best top-1 {best}{val}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """Checkpoints: plain data written atomically, read with ``weights_only=True``, checked before use.
 
 A checkpoint holds the model, the EMA of its weights (``model_ema``, None without --model_ema), the optimizer,
-the position in the run (epoch, step within it, global step), best accuracy, the per-epoch history, RNG states
-and the resolved configuration. It never holds code.
+the position in the run (epoch, step within it, global step), best accuracy, the per-epoch history, RNG states,
+the resolved configuration and the validation split (``split``: val_size, split_seed and a hash of the held-out
+indices; None without --val_size). It never holds code.
 """
 import errno
 import fcntl
@@ -78,6 +79,22 @@ def check_compatible(ckpt, cfg, path):
              for k in MODEL_KEYS if saved.get(k, SAVED_DEFAULTS.get(k)) != getattr(cfg, k)]
     if diffs:
         raise CheckpointError(f"{path} was made for a different run: " + "; ".join(diffs))
+
+
+def _describe_split(split):
+    if not split:
+        return "none (--val_size 0)"
+    return f"--val_size {split['val_size']} --split_seed {split['split_seed']} (held out: {split['held_out']})"
+
+
+def check_split(ckpt, split, path):
+    """Refuse to resume a run on another validation split: its best epoch was chosen on the one it was made with,
+    and held-out images would have been trained on."""
+    saved = ckpt.get("split")  # absent: a checkpoint from before --val_size, made without a split
+    if saved != split:
+        raise CheckpointError(f"{path} was made with validation split {_describe_split(saved)}, this run asks for "
+                              f"{_describe_split(split)}; resume with the checkpoint's --val_size, --split_seed and "
+                              "training set")
 
 
 def rng_state():

@@ -23,6 +23,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Short placeholders (N, X, VALUE), so that each option's one line of help starts beside it."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32)
+
+    def _get_default_metavar_for_optional(self, action):
+        return {int: "N", float: "X"}.get(action.type, "VALUE")
+
+
 def _switch(parser, name, help):
     """--NAME (default on) and --no_NAME, the spelling the guide's users type."""
     parser.add_argument(f"--{name}", dest=name, action="store_true", default=True, help=help + " (default: on)")
@@ -30,90 +40,84 @@ def _switch(parser, name, help):
 
 
 def build_parser():
-    p = _Parser(prog="train_mamba_baseline.py",
-                description="Train a Vision Mamba from scratch on CIFAR-10/100 (DeiT-style recipe).")
-    g = p.add_argument_group("the guide's options")
-    g.add_argument("--dataset", default="cifar10", help="cifar10 or cifar100")
-    g.add_argument("--arch", default="mamba_small", help=f"one of {', '.join(VARIANTS)}")
-    g.add_argument("--epochs", type=int, default=300)
-    g.add_argument("--batch_size", type=int, default=128, help="images per micro-batch and process; one optimizer "
-                   "step sees batch_size x accum_steps x processes")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (after warmup)")
-    g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--warmup_epochs", type=float, default=20)
-    _switch(g, "use_randaugment", "RandAugment(2, 9)")
-    _switch(g, "use_crop", "random crop with 4 pixels of zero padding")
-    _switch(g, "use_flip", "random horizontal flip")
-    _switch(g, "use_mixup", "Mixup")
-    _switch(g, "use_cutmix", "CutMix")
-    g.add_argument("--mixup_alpha", type=float, default=0.8)
-    g.add_argument("--cutmix_alpha", type=float, default=1.0)
-    g.add_argument("--label_smoothing", type=float, default=0.1)
-    g.add_argument("--gpu", type=int, default=0, help="CUDA device index")
-    g.add_argument("--save_dir", default=None, help="default ./checkpoint/mamba_baseline/<dataset>")
+    """One short line of help per option, in groups; what each one means at length is in README.md, Options."""
+    # allow_abbrev off: a prefix (--arc) would silently stand for an option (--arch), also past the launcher's check
+    p = _Parser(prog="train_mamba_baseline.py", allow_abbrev=False, formatter_class=_Formatter,
+                description="Train a Vision Mamba from scratch on CIFAR-10/100 (DeiT-style recipe). "
+                            "Each option at length: README.md, Options.")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="cifar10", help="cifar10 or cifar100 (default: cifar10)")
+    d.add_argument("--data_dir", default=None,
+                   help="holds cifar-10-batches-py/ or cifar-100-python/")
+    d.add_argument("--train_subset", type=int, default=0, help="train on the first N training images only (0: all)")
+    d.add_argument("--test_subset", type=int, default=0, help="evaluate on the first N test images only (0: all)")
+    d.add_argument("--val_size", type=int, default=0, help="hold out N training images to validate on (0: none)")
+    d.add_argument("--split_seed", type=int, default=0, help="which images --val_size holds out (default: 0)")
 
     m = p.add_argument_group("model")
+    m.add_argument("--arch", default="mamba_small",
+                   help=", ".join(v + " (default)" * (v == "mamba_small") for v in VARIANTS))
     m.add_argument("--embed_dim", type=int, default=None, help="override the variant's width")
     m.add_argument("--depth", type=int, default=None, help="override the variant's depth")
+    m.add_argument("--stem", default="auto", help="conv, patch or auto (default; README, Options)")
     m.add_argument("--patch_size", type=int, default=None,
-                   help="patch size (default 4 at 32x32: 64 patches + cls token; with --pretrained: the checkpoint's); "
-                   "with --stem conv, the stem's stride: 2 (default: 256 tokens + cls token) or 4 (64 + cls); on "
-                   "--resume, left out: the checkpoint's")
-    m.add_argument("--stem", default="auto", help="how images become tokens: conv (two stages of 3x3 conv + ReLU, "
-                   "the first with a 3x3 max-pool of stride 2: 2x2 pixels per token; with --patch_size 4 the second "
-                   "pools too: 4x4) or patch (Vim's patch embedding, --patch_size); auto (default): conv from scratch, "
-                   "patch with --patch_size or --pretrained, and a resumed run's own stem")
-    m.add_argument("--input_size", type=int, default=None,
-                   help="input resolution; CIFAR images are resized up to it on the device (default 32; with "
-                        "--pretrained: the checkpoint's, e.g. 224)")
-    m.add_argument("--pretrained", default=None, help="fine-tune from an official Vim checkpoint (.pth)")
-    m.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate of the last block")
-    m.add_argument("--scan", default="auto", help=f"selective-scan backend: {'|'.join(SCAN_CHOICES)}")
+                   help="patch size, or the conv stem's stride: 2 or 4")
+    m.add_argument("--input_size", type=int, default=None, help="resize images to this on the device (default: 32)")
+    m.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth of the last block (default: 0.1)")
+    m.add_argument("--scan", default="auto", help=f"scan kernel: {'|'.join(SCAN_CHOICES)}")
 
-    t = p.add_argument_group("training")
-    t.add_argument("--accum_steps", type=int, default=1, help="gradient accumulation: micro-batches per step")
-    t.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (0: off)")
-    t.add_argument("--min_lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
-    t.add_argument("--warmup_lr", type=float, default=1e-6, help="learning rate at step 0")
-    t.add_argument("--eval_batch_size", type=int, default=1024)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    t.add_argument("--precision", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
-    t.add_argument("--max_bad_steps", type=int, default=20,
-                   help="stop after this many consecutive steps with a non-finite loss")
-    t.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
-                   help="torch.compile the model for training (default: on with CUDA unless --deterministic)")
-    t.add_argument("--no_compile", dest="compile", action="store_const", const=False, help="turn --compile off")
-    t.add_argument("--cuda_graphs", action="store_true",
-                   help="compile with CUDA graphs (torch.compile's reduce-overhead mode): each step's forward and "
-                        "backward replay as recorded graphs instead of thousands of kernel launches, which matters at "
-                        "small batches (README, Speed); needs one CUDA process, implies --compile (default: off)")
-    t.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
-    t.add_argument("--model_ema", action="store_true",
-                   help="also keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it "
-                        "every epoch; its warmup is on: at optimizer step t the decay is 1 - t^(-2/3) (0 at step 1: "
-                        "a copy) capped at --model_ema_decay, so that short runs average over a window they can "
-                        "fill (default: off)")
-    t.add_argument("--model_ema_decay", type=float, default=0.9999,
-                   help="the EMA's decay per optimizer step once warmed up, in (0, 1) (default: 0.9999)")
+    r = p.add_argument_group("recipe")
+    r.add_argument("--epochs", type=int, default=300, help="(default: 300)")
+    r.add_argument("--batch_size", type=int, default=128, help="images per micro-batch and process (default: 128)")
+    r.add_argument("--accum_steps", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    r.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, after warmup (default: 1e-3)")
+    r.add_argument("--min_lr", type=float, default=1e-5, help="learning rate at the cosine's end (default: 1e-5)")
+    r.add_argument("--warmup_lr", type=float, default=1e-6, help="learning rate at step 0 (default: 1e-6)")
+    r.add_argument("--warmup_epochs", type=float, default=20, help="linear warmup, in epochs (default: 20)")
+    r.add_argument("--weight_decay", type=float, default=0.05, help="AdamW's weight decay (default: 0.05)")
+    r.add_argument("--label_smoothing", type=float, default=0.1, help="(default: 0.1)")
+    r.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (default: 0, off)")
+    r.add_argument("--model_ema", action="store_true", help="also keep and evaluate an EMA of the weights")
+    r.add_argument("--model_ema_decay", type=float, default=0.9999,
+                   help="the EMA's decay once warmed up (default: 0.9999)")
 
-    d = p.add_argument_group("data")
-    d.add_argument("--data_dir", default=None, help="default ./datasets/<dataset>; holds cifar-10-batches-py/ "
-                   "or cifar-100-python/")
-    d.add_argument("--num_workers", type=int, default=0,
-                   help="CPU threads for host-side work (0: torch's default); augmentation runs batched "
-                        "on the training device, so no loader processes are needed")
-    d.add_argument("--train_subset", type=int, default=0, help="use only the first N training images (0: all)")
-    d.add_argument("--test_subset", type=int, default=0, help="evaluate on the first N test images (0: all)")
+    a = p.add_argument_group("augmentation")
+    _switch(a, "use_randaugment", "RandAugment(2, 9)")
+    _switch(a, "use_crop", "random crop, 4 pixels of zero padding")
+    _switch(a, "use_flip", "random horizontal flip")
+    _switch(a, "use_mixup", "Mixup")
+    _switch(a, "use_cutmix", "CutMix")
+    a.add_argument("--mixup_alpha", type=float, default=0.8, help="Mixup's Beta(alpha, alpha) (default: 0.8)")
+    a.add_argument("--cutmix_alpha", type=float, default=1.0, help="CutMix's Beta(alpha, alpha) (default: 1.0)")
 
-    o = p.add_argument_group("checkpoints and logs")
-    o.add_argument("--resume", default=None, help="a checkpoint path, or 'auto': the last one in save_dir")
-    o.add_argument("--save_freq", type=int, default=50, help="keep a numbered checkpoint every N epochs")
-    o.add_argument("--save_every_minutes", type=float, default=0.0,
-                   help="also write the last checkpoint mid-epoch this often (0: only at epoch ends)")
-    o.add_argument("--log_dir", default="./logs_mamba_baseline")
-    o.add_argument("--run_id", default=None, help="the log name's timestamp part (default: now)")
-    o.add_argument("--no_progress", action="store_true", help="no progress bar even on a terminal")
+    u = p.add_argument_group("run")
+    u.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    u.add_argument("--gpu", type=int, default=0, help="CUDA device index (default: 0; not under torchrun)")
+    u.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
+    u.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
+                   help="torch.compile the model (default: on with CUDA)")
+    u.add_argument("--no_compile", dest="compile", action="store_const", const=False, help="turn --compile off")
+    u.add_argument("--cuda_graphs", action="store_true",
+                   help="compile with CUDA graphs (one CUDA process)")
+    u.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
+    u.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation (default: 0)")
+    u.add_argument("--eval_batch_size", type=int, default=1024, help="(default: 1024)")
+    u.add_argument("--num_workers", type=int, default=0, help="CPU threads for host-side work (0: torch's default)")
+    u.add_argument("--max_bad_steps", type=int, default=20,
+                   help="stop at N non-finite losses in a row (default: 20)")
+    u.add_argument("--no_progress", action="store_true", help="no progress bar, even on a terminal")
+    u.add_argument("--log_dir", default="./logs_mamba_baseline", help="(default: ./logs_mamba_baseline)")
+    u.add_argument("--run_id", default=None, help="the log names' last part (default: the start time)")
+
+    c = p.add_argument_group("checkpoints")
+    c.add_argument("--save_dir", default=None, help="(default: ./checkpoint/mamba_baseline/<dataset>)")
+    c.add_argument("--resume", default=None, help="a checkpoint, or auto: the last one in --save_dir")
+    c.add_argument("--save_freq", type=int, default=50, help="a numbered checkpoint every N epochs (default: 50)")
+    c.add_argument("--save_every_minutes", type=float, default=0.0,
+                   help="also save mid-epoch every X minutes (0: off)")
+
+    f = p.add_argument_group("fine-tuning")
+    f.add_argument("--pretrained", default=None, help="fine-tune from an official Vim checkpoint (.pth)")
     return p
 
 
@@ -180,6 +184,9 @@ def parse_config(argv=None):
     mixing = (args.use_mixup and args.mixup_alpha > 0) or (args.use_cutmix and args.cutmix_alpha > 0)
     _check(not mixing or args.batch_size % 2 == 0, "--batch_size must be even when Mixup or CutMix is on")
     args.num_classes = DATASETS[args.dataset]
+    _check(args.val_size >= 0 and args.split_seed >= 0, "--val_size and --split_seed must be >= 0")
+    _check(args.val_size % args.num_classes == 0, f"--val_size must be a multiple of {args.dataset}'s "
+           f"{args.num_classes} classes (the same number of each is held out), got {args.val_size}")
     args.data_dir = args.data_dir or f"./datasets/{args.dataset}"
     args.save_dir = args.save_dir or f"./checkpoint/mamba_baseline/{args.dataset}"
     args.run_id = args.run_id or time.strftime("%Y%m%d_%H%M%S")

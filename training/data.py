@@ -6,6 +6,7 @@ Layout read (the one the CIFAR authors distribute):
 The pickles are read directly (no md5 check) with an unpickler that only builds numpy arrays and plain
 containers, so a hostile file cannot run code.
 """
+import hashlib
 import io
 import os
 import pickle
@@ -21,10 +22,10 @@ MEAN_STD = {
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 LAYOUT = {
     "cifar10": dict(folder="cifar-10-batches-py", label_key="labels", num_classes=10,
-                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"], meta="batches.meta",
                     url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
     "cifar100": dict(folder="cifar-100-python", label_key="fine_labels", num_classes=100,
-                     train=["train"], test=["test"],
+                     train=["train"], test=["test"], meta="meta",
                      url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
 }
 
@@ -82,12 +83,20 @@ def _missing(dataset, data_dir):
 def load_cifar(dataset, data_dir, download=True):
     """-> dict(train=(x, y), test=(x, y)) with x uint8 (N, 3, 32, 32) and y int64 (N,), on the CPU."""
     lay = LAYOUT[dataset]
-    if _missing(dataset, data_dir) and download:
+    missing, where = _missing(dataset, data_dir), f"{data_dir}/{lay['folder']}/"
+    # the label names (batches.meta, meta) are not read, but they too show that a copy was begun here
+    begun = len(missing) < len(lay["train"] + lay["test"]) or os.path.isfile(os.path.join(where, lay["meta"]))
+    if missing and begun:
+        # a partial copy (an interrupted extraction, a lost file): downloading over it would hide what happened
+        raise DataError(f"the {dataset} copy under {where} is incomplete: missing {', '.join(missing)}; nothing "
+                        f"was downloaded over it: restore those files, or remove the folder to have the run download "
+                        f"{lay['url']} again")
+    if missing and download:
         try:
             _download(dataset, data_dir)
         except Exception as e:
             reason = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-            raise DataError(f"{dataset} not found under {data_dir}/{lay['folder']}/ and the download failed "
+            raise DataError(f"{dataset} not found under {where} and the download failed "
                             f"({reason}); download {lay['url']} and extract it into {data_dir}/") from None
     missing = _missing(dataset, data_dir)
     if missing:
@@ -100,6 +109,30 @@ def load_cifar(dataset, data_dir, download=True):
         out[split] = (torch.from_numpy(np.concatenate([p[0] for p in parts])),
                       torch.from_numpy(np.concatenate([p[1] for p in parts])))
     return out
+
+
+def validation_split(labels, val_size, num_classes, split_seed):
+    """labels (N,) -> (train indices, validation indices), each sorted: val_size / num_classes images of every
+    class held out, chosen by split_seed alone (a generator of its own: the same on every rank, whatever --seed).
+    Raises ValueError when the split would leave nothing, or no image of some class, to train on."""
+    n, per_class = len(labels), val_size // num_classes
+    if val_size >= n:
+        raise ValueError(f"--val_size {val_size} leaves nothing to train on: the training set has {n} images")
+    counts = torch.bincount(labels, minlength=num_classes)
+    short = (counts <= per_class).nonzero().flatten().tolist()
+    if short:
+        raise ValueError(f"--val_size {val_size} holds out {per_class} image(s) of each class, but class {short[0]} "
+                         f"has {counts[short[0]]} in the training set: none would be left to train on")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    held = torch.cat([order[labels[order] == c][:per_class] for c in range(num_classes)]).sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[held] = False
+    return keep.nonzero().flatten(), held
+
+
+def split_hash(indices):
+    """A short name for a set of held-out indices: a checkpoint's split is recognised by it."""
+    return hashlib.sha256(indices.to(torch.int64).numpy().tobytes()).hexdigest()[:12]
 
 
 def epoch_permutation(num_examples, seed, epoch):

@@ -20,10 +20,10 @@ from models.scan import resolve_scan
 from models.pretrained import load_pretrained, matching_variant, pretrained_model_config, pretrained_normalisation
 from models.vim import build_model
 from training import distributed as ddp
-from training.checkpoint import (SAVED_DEFAULTS, CheckpointError, RunLock, check_compatible, checkpoint_paths,
-                                 load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from training.checkpoint import (SAVED_DEFAULTS, CheckpointError, RunLock, check_compatible, check_split,
+                                 checkpoint_paths, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from training.config import UsageError
-from training.data import IMAGENET_MEAN_STD, MEAN_STD, DeviceData, load_cifar
+from training.data import IMAGENET_MEAN_STD, MEAN_STD, DeviceData, load_cifar, split_hash, validation_split
 from training.logs import RunLog, log_paths, progress
 from training.optim import build_optimizer, lr_at
 from training.step import TrainStep, resize
@@ -48,9 +48,9 @@ class Position:
     epoch: int = 0              # epochs completed
     step_in_epoch: int = 0      # optimizer steps done in the current epoch (0 at an epoch boundary)
     global_step: int = 0
-    best_acc: float = 0.0
-    best_epoch: int = 0
-    best_ema_acc: float = 0.0   # the EMA model's (--model_ema); 0 without it
+    best_acc: float = 0.0       # top-1 on the validation split (--val_size), else on the test set
+    best_epoch: int = 0         # 0: no evaluation yet (the first one is the best so far, even at 0.00%)
+    best_ema_acc: float = 0.0   # the EMA model's (--model_ema), chosen the same way; 0 without it
     best_ema_epoch: int = 0
     bad_steps: int = 0          # steps skipped for a non-finite loss, whole run
     history: list = field(default_factory=list)
@@ -194,6 +194,17 @@ class Run:
             xtr, ytr = xtr[:cfg.train_subset], ytr[:cfg.train_subset]
         if cfg.test_subset:
             xte, yte = xte[:cfg.test_subset], yte[:cfg.test_subset]
+        self.val_data, self.split = None, None
+        if cfg.val_size:  # held out of the (subset of the) training set, on the CPU, before anything goes to the device
+            try:
+                train_idx, val_idx = validation_split(ytr, cfg.val_size, cfg.num_classes, cfg.split_seed)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            self.split = {"val_size": cfg.val_size, "split_seed": cfg.split_seed, "held_out": split_hash(val_idx)}
+            self.val_data = DeviceData(xtr[val_idx], ytr[val_idx], device)
+            xtr, ytr = xtr[train_idx], ytr[train_idx]
+        if self.ckpt:
+            check_split(self.ckpt, self.split, resume_path)
         self.train_data = DeviceData(xtr, ytr, device)
         self.test_data = DeviceData(xte, yte, device)
         self.steps_per_epoch = self.train_data.steps_per_epoch(cfg.batch_size * cfg.accum_steps, self.world)
@@ -292,7 +303,8 @@ class Run:
         if self.ckpt:
             self.log.rewrite_jsonl(self.pos.history)
             self.log.info(f"resumed from {self.resume_path} (log {self.ckpt['log_path']}): epoch {self.pos.epoch}, "
-                          f"step {self.pos.step_in_epoch} of {self.steps_per_epoch}, best {self.pos.best_acc:.2f}%")
+                          f"step {self.pos.step_in_epoch} of {self.steps_per_epoch}, best {'val ' * bool(self.split)}"
+                          f"{self.pos.best_acc:.2f}%")
             self._note_changed_settings()
         n_params = sum(p.numel() for p in self.model.parameters())
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -306,7 +318,8 @@ class Run:
                       f"{'yes' if self.causal_conv else 'no (PyTorch)'} | precision: "
                       f"{'bf16 autocast' if self.amp else 'fp32'}{' | torch.compile' if cfg.compile else ''}"
                       f"{' (CUDA graphs)' if cfg.cuda_graphs else ''}")
-        self.log.info(f"data: {len(self.train_data)} train / {len(self.test_data)} test images | global batch "
+        val = f"{len(self.val_data)} val (held out: {self.split['held_out']}) / " if self.split else ""
+        self.log.info(f"data: {len(self.train_data)} train / {val}{len(self.test_data)} test images | global batch "
                       f"{step_batch} = {cfg.batch_size} x {cfg.accum_steps} accum x {self.world} process(es) | "
                       f"lr {cfg.lr:g} (not rescaled with the batch) | {self.steps_per_epoch} steps/epoch, "
                       f"{self.warmup_steps} warmup steps")
@@ -353,7 +366,8 @@ class Run:
                 "optimizer": self.optimizer.state_dict(), "position": vars(self.pos).copy(),
                 "rng": rng_state(), "scaler": None,  # bf16 autocast needs no loss scaling
                 "config": {k: v for k, v in vars(self.cfg).items()}, "log_path": self.log.log_path,
-                "normalisation": self.normalisation}
+                "normalisation": self.normalisation,
+                "split": self.split}  # --val_size's held-out images (None without): a resume must hold out the same
 
     def save(self, *kinds):
         """Rank 0 writes. Under DDP every rank calls this at the same step: each rank's RNG state and epoch sums
@@ -447,12 +461,14 @@ class Run:
         self.pos.bad_steps += int(bad_total.item())
 
     @torch.no_grad()
-    def evaluate(self, model=None):
-        """-> (mean loss, top-1 %, top-5 %) of ``model`` (default: the trained one) over the whole test split."""
+    def evaluate(self, model=None, data=None):
+        """-> (mean loss, top-1 %, top-5 %) of ``model`` (default: the trained one) over the whole of ``data``
+        (default: the test set)."""
         model = self.model if model is None else model
+        data = self.test_data if data is None else data
         model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, count
-        for x, y in self.test_data.eval_batches(self.cfg.eval_batch_size, self.rank, self.world):
+        for x, y in data.eval_batches(self.cfg.eval_batch_size, self.rank, self.world):
             x = resize((x.float() / 255 - self.mean) / self.std, self.cfg.input_size)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits = model(x).float()
@@ -462,6 +478,20 @@ class Run:
                                  torch.tensor(len(y), device=self.device)]).double()
         loss, top1, top5, n = ddp.all_reduce_sum(sums).tolist()
         return loss / n, 100 * top1 / n, 100 * top5 / n
+
+    def evaluate_all(self):
+        """-> the epoch's metrics: test_loss/acc/acc5, val_* with --val_size, and the EMA's as ema_* and ema_val_*
+        with --model_ema (top-5 None on CIFAR-10)."""
+        models = [("", self.model)] + ([("ema_", self.ema.module)] if self.ema is not None else [])
+        sets = [("test_", self.test_data)] + ([("val_", self.val_data)] if self.val_data is not None else [])
+        out = {}
+        for owner, model in models:
+            for name, data in sets:
+                key = owner + ("" if owner and name == "test_" else name)  # the EMA's test metrics: ema_loss ...
+                loss, acc, acc5 = self.evaluate(model, data)
+                out.update({key + "loss": loss, key + "acc": acc, key + "acc5": acc5 if self.cfg.num_classes > 10
+                            else None})
+        return out
 
     def fit(self):
         cfg, pos = self.cfg, self.pos
@@ -475,23 +505,21 @@ class Run:
                 self.log.info(f"warning: --cuda_graphs: torch.compile ran {skips} graph(s) without CUDA "
                               "graphs (TORCH_LOGS=cudagraphs says why); training goes on without them there")
             t_eval = time.perf_counter()
-            test_loss, acc, acc5 = self.evaluate()
-            if self.ema is not None:
-                ema_loss, ema_acc, ema_acc5 = self.evaluate(self.ema.module)
+            m = self.evaluate_all()
             eval_seconds = time.perf_counter() - t_eval
             pos.epoch, pos.step_in_epoch = epoch + 1, 0
-            improved = acc > pos.best_acc
+            # with a validation split the best epoch is chosen on it, and the test set only measures (issue 22)
+            chosen, ema_chosen = ("val_acc", "ema_val_acc") if self.val_data is not None else ("test_acc", "ema_acc")
+            improved = m[chosen] > pos.best_acc or pos.best_epoch == 0
             if improved:
-                pos.best_acc, pos.best_epoch = acc, epoch + 1
-            rec = {"epoch": epoch + 1, "lr": train["lr"], "train_loss": train["train_loss"], "test_loss": test_loss,
-                   "test_acc": acc, "test_acc5": acc5 if cfg.num_classes > 10 else None, "best_acc": pos.best_acc,
-                   "epoch_time": train["seconds"] + eval_seconds,
+                pos.best_acc, pos.best_epoch = m[chosen], epoch + 1
+            rec = {"epoch": epoch + 1, "lr": train["lr"], "train_loss": train["train_loss"], **m,
+                   "best_acc": pos.best_acc, "epoch_time": train["seconds"] + eval_seconds,
                    "images_per_s": train["images"] / max(train["seconds"], 1e-9), "bad_steps": pos.bad_steps}
-            if self.ema is not None:  # test_acc stays the trained model's; _best.pth follows it, not the EMA
-                if ema_acc > pos.best_ema_acc:
-                    pos.best_ema_acc, pos.best_ema_epoch = ema_acc, epoch + 1
-                rec.update({"ema_loss": ema_loss, "ema_acc": ema_acc,
-                            "ema_acc5": ema_acc5 if cfg.num_classes > 10 else None, "best_ema_acc": pos.best_ema_acc})
+            if self.ema is not None:  # _best.pth follows the trained model, not the EMA
+                if m[ema_chosen] > pos.best_ema_acc or pos.best_ema_epoch == 0:
+                    pos.best_ema_acc, pos.best_ema_epoch = m[ema_chosen], epoch + 1
+                rec["best_ema_acc"] = pos.best_ema_acc
             pos.history.append(rec)
             pos.partial = {}
             kinds = ["last"] + (["best"] if improved else []) + (["epoch"] if (epoch + 1) % cfg.save_freq == 0
@@ -500,9 +528,20 @@ class Run:
             self.log.epoch(rec, cfg.epochs)
             if self.stop.signum is not None and epoch + 1 < cfg.epochs:
                 raise Stopped(self.stop.signum)  # asked during the epoch's last step: its checkpoint is saved
-        ema = f", EMA {pos.best_ema_acc:.2f}% at epoch {pos.best_ema_epoch}" if self.ema is not None else ""
-        self.log.info(f"finished: best top-1 {pos.best_acc:.2f}% at epoch {pos.best_epoch}{ema}; "
-                      f"checkpoints in {cfg.save_dir}")
+        self.log.info(f"finished: {self._best_summary()}; checkpoints in {cfg.save_dir}")
+
+    def _best_summary(self):
+        """'best top-1 94.10% at epoch 280', with a validation split 'best val top-1 ... (test top-1 there ...)'."""
+        pos, val = self.pos, self.val_data is not None
+        at = {r["epoch"]: r for r in pos.history}
+        line = f"best {'val ' if val else ''}top-1 {pos.best_acc:.2f}% at epoch {pos.best_epoch}"
+        if val and pos.best_epoch in at:
+            line += f" (test top-1 there {at[pos.best_epoch]['test_acc']:.2f}%)"
+        if self.ema is not None:
+            line += f", EMA {pos.best_ema_acc:.2f}% at epoch {pos.best_ema_epoch}"
+            if val and pos.best_ema_epoch in at and "ema_acc" in at[pos.best_ema_epoch]:
+                line += f" (test {at[pos.best_ema_epoch]['ema_acc']:.2f}%)"
+        return line
 
 
 def out_of_memory_advice(cfg, run):

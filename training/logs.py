@@ -33,13 +33,20 @@ class RunLog:
                 print(stamped, flush=True)
 
     def epoch(self, rec, total_epochs):
-        """rec: one epoch's metrics (see engine.epoch_record)."""
+        """rec: one epoch's metrics (see engine.Run.fit)."""
         self._epoch_ends.append(time.monotonic())
-        top5 = f" top5 {rec['test_acc5']:.2f}" if rec.get("test_acc5") is not None else ""
-        ema = f" | ema {rec['ema_acc']:.2f}" if rec.get("ema_acc") is not None else ""  # --model_ema: its top-1
+
+        def scores(name):  # " | val loss 1.2345 acc 56.78 top5 89.01"
+            top5 = f" top5 {rec[name + '_acc5']:.2f}" if rec.get(name + "_acc5") is not None else ""
+            return f" | {name} loss {rec[name + '_loss']:.4f} acc {rec[name + '_acc']:.2f}{top5}"
+        val = "val_acc" in rec  # --val_size: the best epoch is chosen on it
+        ema = ""
+        if rec.get("ema_acc") is not None:  # --model_ema: its top-1
+            ema = f" | ema val {rec['ema_val_acc']:.2f} test" if val else " | ema"
+            ema += f" {rec['ema_acc']:.2f}"
         self.info(f"epoch {rec['epoch']:>3}/{total_epochs} | lr {rec['lr']:.2e} | train loss {rec['train_loss']:.4f}"
-                  f" | test loss {rec['test_loss']:.4f} acc {rec['test_acc']:.2f}{top5}{ema}"
-                  f" | best {rec['best_acc']:.2f}"
+                  f"{scores('val') if val else ''}{scores('test')}{ema}"
+                  f" | best {'val ' if val else ''}{rec['best_acc']:.2f}"
                   f" | {rec['epoch_time']:.1f}s {rec['images_per_s']:.0f} img/s"
                   f"{self._time_left(total_epochs - rec['epoch'])}")
         if self.enabled:
