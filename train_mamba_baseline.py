@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train a Vision Mamba from scratch on CIFAR-10/100: the command line. See README.md for every flag.
+"""Train a Vision Mamba from scratch on CIFAR-10/100: the command line. --help lists every option; README.md the main ones.
 
     python train_mamba_baseline.py --dataset cifar100
     torchrun --nproc_per_node 2 train_mamba_baseline.py --dataset cifar10   # one run over 2 GPUs

@@ -69,7 +69,7 @@ import triton.language as tl
 # takes the *_NARROW shapes (batch 512 and below for D=768 on 132 SMs). At batch 128 the sweep found the backward at
 # (32, 2, 1) with both caches 1.76 ms against 1.87 for the narrow shape below, and the forward at (32, 4, 1) 0.23 ms
 # against 0.27; but a mamba_small training step at batch 512 (compiled) with those two ran at 3,259 images/s against
-# 3,585 with the shapes then in use (measured in another session). A step-level A/B in one session (eager, batch 512,
+# 3,585 with the shapes then in use (measured on another machine). A step-level A/B back to back (eager, batch 512,
 # conv stem) then gave 2,068 images/s with the narrow backward at (32, 4, 1), 2,283 at (32, 1, 1) and 2,305 at
 # (32, 1, 1) with PREFETCH (1,947 at 16 channels with PREFETCH): the narrow backward below.
 FWD_CONFIG = dict(BLOCK_D=64, BLOCK_L=4, num_warps=1)

@@ -10,7 +10,7 @@ from models.vim import VARIANTS, ConvStem
 from models.scan import SCAN_CHOICES
 
 DATASETS = {"cifar10": 10, "cifar100": 100}
-# --patch_size left out, by stem (the conv stem's is its stride): 2 won the 40-epoch token ablation (README, Results)
+# --patch_size left out, by stem (the conv stem's is its stride): 2 won the 40-epoch token ablation (docs/RESULTS.md)
 DEFAULT_PATCH_SIZE = {"conv": 2, "patch": 4}
 
 
@@ -117,7 +117,7 @@ def build_parser():
                    help="also save mid-epoch every X minutes (0: off)")
 
     f = p.add_argument_group("fine-tuning")
-    f.add_argument("--pretrained", default=None, help="fine-tune from an official Vim checkpoint (.pth)")
+    f.add_argument("--pretrained", default=None, help="start from official Vim or exported weights")
     return p
 
 
@@ -143,7 +143,7 @@ def parse_config(argv=None):
     _check(args.mixup_alpha >= 0 and args.cutmix_alpha >= 0, "--mixup_alpha and --cutmix_alpha must be >= 0")
     _check(0 <= args.drop_path < 1, "--drop_path must be in [0, 1)")
     _check(args.stem in ("auto", "patch", "conv"), f"--stem must be auto, patch or conv, got {args.stem!r}")
-    # The conv stem won the 40-epoch ablation (README, Results); a patch size or official weights ask for patches.
+    # The conv stem won the 40-epoch ablation (docs/RESULTS.md); a patch size or official weights ask for patches.
     # A resumed run with --stem left at auto, or --patch_size left out, takes the checkpoint's (training/engine.py).
     args.stem_auto = args.stem == "auto"
     args.patch_size_auto = args.patch_size is None

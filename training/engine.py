@@ -117,7 +117,7 @@ def set_backend_flags(deterministic):
 
 
 def default_compile(device, deterministic):
-    """--compile left out: on with CUDA, where it made the training step 1.6-1.9x faster (README, Speed); off on the
+    """--compile left out: on with CUDA, where it made the training step 1.6-1.9x faster (docs/SPEED.md); off on the
     CPU (minutes of compiling for a test-sized run) and with --deterministic (inductor's kernels are not)."""
     return device.type == "cuda" and not deterministic
 
@@ -597,5 +597,5 @@ def train(cfg):
         return 0
     finally:
         # as PyTorch asks before exit (NCCL's threads stop here); gloo's can still race the interpreter's shutdown
-        # on the CPU, rarely (README, Several GPUs)
+        # on the CPU, rarely (docs/SPEED.md, Several GPUs)
         ddp.cleanup()
