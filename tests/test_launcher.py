@@ -139,10 +139,24 @@ class Launcher:
             except (OSError, ValueError, KeyError):
                 pass
         for pid in self.pids:
+            if not self.is_fake_trainer(pid):  # exited, and its pid possibly reused by another process: leave it
+                continue
             try:
                 os.kill(pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
+
+    def is_fake_trainer(self, pid: int) -> bool:
+        """Whether pid is still one of this test's processes: the fake trainer, or the launcher's subshell that is
+        about to become it (its command line names this test's folder). Pids are recycled quickly (pid_max can be
+        32768): a bare kill could stop an unrelated process, such as a training run beside the tests. Without /proc
+        (not Linux) every recorded pid counts."""
+        try:
+            return str(self.root.parent).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            return not Path("/proc/self").exists()
+        except OSError:
+            return False
 
 
 def opt(argv, name):
@@ -166,6 +180,25 @@ def launcher(tmp_path):
     lch = Launcher(tmp_path)
     yield lch
     lch.cleanup()
+
+
+def test_cleanup_stops_only_its_fake_trainers(launcher):
+    """A recorded pid that now belongs to another process (pids are recycled) is left alone; a live fake is stopped."""
+    other = subprocess.Popen(["sleep", "30"])
+    launcher.run(FAKE_SLEEP=30)
+    launcher.argv("cifar10"), launcher.argv("cifar100")  # both fakes running
+    fakes = set(launcher.pids)
+    assert fakes and all(alive(p) for p in fakes)
+    launcher.pids.add(other.pid)
+    try:
+        launcher.cleanup()
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in fakes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(p) for p in fakes) and other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_script_is_executable_bash():
