@@ -393,8 +393,9 @@ def load_pretrained(model, path, log=print):
     The checkpoint's tokenizer (stem), width, depth, d_state, expand, d_conv, patch size and channels must equal
     the model's; ``pos_embed`` is resized when the grids differ; ``head.*`` is kept when its shapes are the model's
     (the same class count), else dropped and the model's own head is left as it is. Every other model tensor must
-    come from the checkpoint with the same shape, and the checkpoint may hold nothing else. Raises PretrainedError (the model is untouched then); on success logs one or two
-    lines through ``log`` (None: silent) and returns a summary dict:
+    come from the checkpoint with the same shape, and the checkpoint may hold nothing else. Raises PretrainedError
+    (the model is untouched then); on success logs one or two lines through ``log`` (None: silent) and returns a
+    summary dict:
     loaded (tensors), values, dropped ({key: shape}), pos_embed (None or {from, to, cls_index}),
     cast_from (sorted dtype names that were converted, or []), checkpoint (infer_vim_config's dict), notes.
     """
