@@ -164,3 +164,24 @@ def test_out_of_memory_is_one_line(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err and err.count("\n") == 1
     assert "ran out of memory (" in err and " GiB at the peak) at --batch_size 4096" in err and "257 tokens" in err
+
+
+def test_evaluate_on_gpu_reproduces_the_trainers_last_test(tmp_path):
+    """evaluate.py on the GPU (bf16 autocast, the Triton scan, the timed passes) re-measures the trainer's last test
+    top-1 of a checkpoint trained on the GPU, and reports its speed."""
+    import json
+    from tests.conftest import make_cifar
+    import evaluate
+    import train_mamba_baseline
+    data = make_cifar(str(tmp_path / "d"), n_train=256, n_test=64)
+    args = ["--arch", "mamba_tiny", "--depth", "2", "--epochs", "2", "--warmup_epochs", "0", "--batch_size", "64",
+            "--no_compile", "--data_dir", data, "--save_dir", str(tmp_path / "c"), "--log_dir", str(tmp_path / "l"),
+            "--no_progress"]
+    assert train_mamba_baseline.main(args) == 0
+    path = str(tmp_path / "c" / "mamba_tiny_cifar10_last.pth")
+    out = tmp_path / "e.json"
+    assert evaluate.main([path, "--data_dir", data, "--batch_size", "32", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    last = torch.load(path, weights_only=True)["position"]["history"][-1]
+    assert abs(res["top1"] - last["test_acc"]) <= 100 / 64 + 1e-9  # at most one image apart (bf16 rounding)
+    assert res["images_per_s"] > 0 and res["latency_ms"] > 0 and res["epoch"] == 2
