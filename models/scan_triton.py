@@ -315,7 +315,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
         steps = ()  # each step's u, delta and delta + bias (fp32), kept for the way back
         for k in tl.static_range(CHUNK):
             m_d = mask_d & (c * CHUNK + k < L)
-            (u_r, dt_r, B_r), _, _, _ = ld[k]
+            u_r, dt_r, B_r = ld[k][0]  # (no nested tuple targets: see test_kernels_unpack_no_nested_tuples)
             u = u_r.to(tl.float32)
             dt, x = _delta(dt_r, bias, m_d, SOFTPLUS)
             Bt = _unpack(B_r, BLOCK_N, PACKED)
@@ -332,7 +332,8 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
             live = t < L
             m_d = mask_d & live
             u, dt, x = steps[k]
-            (_, _, B_r), C_r, dy_r, z_r = ld[k]
+            step_ld, C_r, dy_r, z_r = ld[k]
+            B_r = step_ld[2]
             Bt = _unpack(B_r, BLOCK_N, PACKED)
             Ct = _unpack(C_r, BLOCK_N, PACKED)
             dy = dy_r.to(tl.float32)

@@ -233,6 +233,18 @@ def test_packed_loads_only_where_they_read_the_right_values():
     assert not st._packed(x[..., 24:39].transpose(1, 2), x[..., 39:54].transpose(1, 2))  # 15 states
 
 
+def test_kernels_unpack_no_nested_tuples():
+    """The Triton that comes with torch 2.11 fails to build a kernel's cache key (at its first launch in a process)
+    with "TypeError: unhashable type: 'list'" when the kernel assigns to a nested tuple such as ``(a, b), c = x``;
+    Triton 3.8 accepts it. So no kernel may use one."""
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, "models", "scan_triton.py")).read())
+    nested = [f"line {node.lineno}" for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.For))
+              for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+              if isinstance(target, ast.Tuple) and any(isinstance(e, (ast.Tuple, ast.List)) for e in target.elts)]
+    assert not nested, nested
+
+
 def test_too_many_states_is_refused():
     pytest.importorskip("triton")
     from models.scan_triton import selective_scan_triton
