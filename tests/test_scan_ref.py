@@ -115,10 +115,10 @@ def test_resolve_scan_on_cpu():
     assert resolve_scan("auto", torch.device("cpu")) == "ref"
     assert resolve_scan("ref", "cpu") == "ref"
     assert get_scan_fn("ref") is selective_scan_ref
-    assert set(SCAN_CHOICES) == {"auto", "ref", "cuda", "triton", "triton_v1"}
+    assert set(SCAN_CHOICES) == {"auto", "ref", "cuda", "triton"}
 
 
-@pytest.mark.parametrize("name", ["cuda", "triton", "triton_v1"])
+@pytest.mark.parametrize("name", ["cuda", "triton"])
 def test_resolve_scan_gpu_backend_on_cpu_is_a_clear_error(name):
     with pytest.raises(ValueError) as e:
         resolve_scan(name, "cpu")
