@@ -201,3 +201,23 @@ def test_gpu_rows_pair_each_variant_with_its_vit(tmp_path, monkeypatch, capsys):
     assert calls == [("vim", a, w, d, p, 64) for a, w, d in (("mamba_tiny", 192, 24), ("mamba_small", 384, 24))
                      for p in (4, 2)]
     assert all("ratio_to_vit" not in r for r in json.loads(out.read_text())["rows"])
+
+
+def test_scan_timing_leaves_no_gradients_behind():
+    """--scan_only times the scan's own forward and backward: every input's gradient is computed and handed back, none
+    accumulated into .grad (autograd's extra work would be timed with it); the output gradient keeps the output's
+    channels-contiguous layout, as the model's does."""
+    from models.scan import selective_scan_ref
+    inputs = benchmark._scan_inputs(2, 5, 8, 4, device="cpu")
+    seen = []
+
+    def scan(*args, **kw):
+        out = selective_scan_ref(*args, **kw).to(args[0].dtype).transpose(1, 2).contiguous().transpose(1, 2)
+        if out.requires_grad:  # (not in the timed forward, which runs without autograd)
+            out.register_hook(lambda g: seen.append(g.stride()) or g)
+        return out
+
+    ms_fwd, ms = benchmark._time_scan(scan, inputs, reps=1, cuda=False)
+    assert 0 < ms_fwd and 0 < ms
+    assert all(x.requires_grad and x.grad is None for x in inputs)
+    assert seen and all(stride[1] == 1 for stride in seen)  # (B, D, L) views of (B, L, D) memory

@@ -102,12 +102,14 @@ def run_row(kind, arch, width, depth, patch, batch, args, device):
     return row
 
 
-def _scan_inputs(batch, length, dim, state):
-    """bf16 (B, L, D)-stored activations as (B, D, L) views, like the model's; fp32 parameters."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+def _scan_inputs(batch, length, dim, state, device="cuda"):
+    """bf16 (B, L, D)-stored activations as (B, D, L) views, like the model's; fp32 parameters; all need gradients,
+    as in training."""
+    g = torch.Generator(device=device).manual_seed(0)
+    r = lambda *s: torch.randn(*s, device=device, generator=g)  # noqa: E731
     u, dt, z = (r(batch, length, dim).bfloat16().transpose(1, 2).requires_grad_() for _ in range(3))
-    A, D, bias = -torch.rand(dim, state, device="cuda") - 0.5, r(dim), r(dim) * 0.1
+    A = (-torch.rand(dim, state, device=device, generator=g) - 0.5).requires_grad_()
+    D, bias = r(dim).requires_grad_(), (r(dim) * 0.1).requires_grad_()
     B, C = (r(batch, length, state).bfloat16().transpose(1, 2).requires_grad_() for _ in range(2))
     return u, dt, A, B, C, D, z, bias
 
@@ -131,19 +133,25 @@ def _cuda_ms(fn, reps, warmup=3, cuda=True):
     return start.elapsed_time(end) / reps
 
 
-def _time_scan(fn, inputs, reps):
-    """-> (forward ms, forward+backward ms) of both directions (the second a reverse scan, as in the model)."""
+def _time_scan(fn, inputs, reps, cuda=True):
+    """-> (forward ms, forward+backward ms) of both directions (the second a reverse scan, as in the model). The
+    backward gets a fixed output gradient laid out like the output and hands back every input's gradient without
+    accumulating it anywhere, so what is timed is the scan's own backward (its kernels and the reductions after
+    them), not autograd's work around it (an fp32 copy and sum of the output, gradients added into .grad)."""
     u, dt, A, B, C, D, z, bias = inputs
 
     def fwd():
         return [fn(u, dt, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True, reverse=rev) for rev in (False, True)]
 
+    with torch.no_grad():
+        grads_out = [torch.randn_like(o) for o in fwd()]
+
     def fwd_bwd():
-        sum(o.float().sum() for o in fwd()).backward()
+        torch.autograd.grad(fwd(), inputs, grad_outputs=grads_out)
 
     with torch.no_grad():
-        ms_fwd = _cuda_ms(fwd, reps)
-    return ms_fwd, _cuda_ms(fwd_bwd, reps)
+        ms_fwd = _cuda_ms(fwd, reps, cuda=cuda)
+    return ms_fwd, _cuda_ms(fwd_bwd, reps, cuda=cuda)
 
 
 def stem_bench(archs, batch_sizes, device, reps=50, warmup=10, compile_too=True):
