@@ -57,8 +57,8 @@ EVERY_FLAG = {
 }
 # --pretrained is parsed here; its effect (and its refusals) are tested in test_finetune_cli.py.
 PRETRAINED = {"--pretrained": ("/tmp/vim.pth", "/tmp/vim.pth")}
-# --stem conv excludes --pretrained and takes --patch_size 2 or 4 (its stride): parsed in test_conv_stem, its model
-# in test_model.py
+# --stem conv takes --patch_size 2 or 4 (its stride): parsed in test_conv_stem, its model in test_model.py; with
+# --pretrained the file's tokenizer must match (test_evaluate.py, test_finetune_cli.py)
 STEM = {"--stem": ("conv", "conv")}
 SWITCHES = ("use_randaugment", "use_mixup", "use_cutmix", "use_crop", "use_flip")  # on by default
 SWITCHES_OFF = {f"--no_{s}": s for s in SWITCHES}
@@ -178,7 +178,6 @@ BAD = {
     "conv stem with patch size 8": ["--stem", "conv", "--patch_size", "8"],
     "conv stem with patch size 1": ["--stem", "conv", "--patch_size", "1"],
     "conv stem, stride 2, odd input": ["--stem", "conv", "--patch_size", "2", "--input_size", "31"],
-    "conv stem with pretrained weights": ["--stem", "conv", "--pretrained", "/tmp/vim.pth"],
     "conv stem, input not divisible by 4": ["--stem", "conv", "--patch_size", "4", "--input_size", "30"],
     "conv stem (stride 2 by default), odd input": ["--stem", "conv", "--input_size", "31"],
     "cuda graphs without compile": ["--cuda_graphs", "--no_compile"],

@@ -214,7 +214,7 @@ def test_mamba_small_export_is_under_110_mb(tmp_path):
     assert load_model(tmp_path / "w.pth").cfg == model.cfg
 
 
-def test_pretrained_run_starts_from_an_export(trained, tmp_path):
+def test_pretrained_run_starts_from_an_export(trained, tmp_path, capsys):
     exported = tmp_path / "w.pth"
     export_weights(trained["path"], str(exported))
     start = torch.load(exported, weights_only=True)["model"]
@@ -232,7 +232,10 @@ def test_pretrained_run_starts_from_an_export(trained, tmp_path):
     assert "head kept" in log and "the file's normalisation" in log
 
     argv[argv.index(str(tmp_path / "c"))] = str(tmp_path / "c2")
+    capsys.readouterr()
     assert train_mamba_baseline.main(argv + ["--stem", "patch"]) == 2  # the file's tokenizer is the conv stem
+    assert "holds the conv stem, not the --stem patch asked for" in capsys.readouterr().err
+    assert train_mamba_baseline.main(argv + ["--stem", "conv"]) == 0  # naming the file's own tokenizer is fine
 
     data100 = make_cifar(str(tmp_path / "d100"), "cifar100", n_train=16, n_test=8)
     argv[argv.index(data)] = data100

@@ -47,6 +47,11 @@ def test_finetune_refuses_shape_flags_and_a_wrong_variant(tmp_path, capsys):
     a[a.index("mamba_tiny")] = "mamba_small"
     assert train_mamba_baseline.main(a) == 2
     assert "pass --arch mamba_tiny" in capsys.readouterr().err
+    # the official weights have Vim's patch embedding: asking for the conv stem is refused, naming both
+    assert train_mamba_baseline.main(args(tmp_path, data, "--pretrained", str(tmp_path / "vim.pth"),
+                                          "--stem", "conv")) == 2
+    err = capsys.readouterr().err
+    assert "holds a patch embedding, not the --stem conv asked for" in err and err.count("\n") == 1
 
 
 def test_finetune_rejects_a_broken_file_in_one_line(tmp_path, capsys):

@@ -149,8 +149,11 @@ def parse_config(argv=None):
     args.patch_size_auto = args.patch_size is None
     if args.stem_auto:
         args.stem = "patch" if (args.pretrained or args.patch_size is not None) else "conv"
-    if args.stem == "conv":
-        _check(not args.pretrained, "--stem conv trains from scratch; official checkpoints (--pretrained) use patches")
+    if args.pretrained:  # the file gives the tokenizer (an --stem given must match it: training/engine.py)
+        _check(args.embed_dim is None and args.depth is None and args.patch_size is None,
+               "--embed_dim, --depth and --patch_size come from the --pretrained checkpoint; leave them out")
+        _check(args.input_size is None or args.input_size > 0, "--input_size must be positive")
+    elif args.stem == "conv":
         # --patch_size is the stem's stride here: 2 (256 tokens at 32x32, as patch 2) or 4 (64, as patch 4)
         args.patch_size = DEFAULT_PATCH_SIZE["conv"] if args.patch_size is None else args.patch_size
         _check(args.patch_size in ConvStem.STRIDES,
@@ -158,10 +161,6 @@ def parse_config(argv=None):
         args.input_size = 32 if args.input_size is None else args.input_size
         _check(args.input_size > 0 and args.input_size % args.patch_size == 0,
                f"--stem conv needs --input_size divisible by {args.patch_size}")
-    elif args.pretrained:
-        _check(args.embed_dim is None and args.depth is None and args.patch_size is None,
-               "--embed_dim, --depth and --patch_size come from the --pretrained checkpoint; leave them out")
-        _check(args.input_size is None or args.input_size > 0, "--input_size must be positive")
     else:
         args.input_size = 32 if args.input_size is None else args.input_size
         args.patch_size = DEFAULT_PATCH_SIZE["patch"] if args.patch_size is None else args.patch_size

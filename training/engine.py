@@ -288,8 +288,10 @@ class Run:
         cfg.embed_dim, cfg.depth, cfg.patch_size = shape.pop("embed_dim"), shape.pop("depth"), shape.pop("patch_size")
         cfg.input_size = shape.pop("img_size")
         stem = shape.pop("stem")  # an exported file of this project may hold the conv stem
-        if cfg.stem_auto:
-            cfg.stem = stem
+        if not cfg.stem_auto and cfg.stem != stem:
+            raise UsageError(f"{cfg.pretrained} holds {'the conv stem' if stem == 'conv' else 'a patch embedding'}, "
+                             f"not the --stem {cfg.stem} asked for; leave --stem out to take the file's")
+        cfg.stem = stem
         self.pretrained_shape = shape  # d_state, d_conv, expand, in_chans
 
     def _open_log(self):
