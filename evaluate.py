@@ -9,7 +9,6 @@ The data set, the architecture and the tokenizer come from the checkpoint. On th
 prints top-1 (and top-5 on CIFAR-100) and per-class top-1; then the parameters by part, the multiply-accumulates
 per image (models/cost.py says what is counted and how) and the inference speed on the device.
 """
-import argparse
 import json
 import os
 import sys
@@ -17,17 +16,10 @@ import time
 
 import torch
 
+from training.config import UsageError, _Parser  # the trainer's: bad input is one line, exit code 2
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SPEED_SECONDS = 1.0  # time spent on each speed measurement, after the warm-up
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
 
 
 def build_parser():
