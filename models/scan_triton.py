@@ -17,7 +17,8 @@ channel vector (a tuple of N registers per lane), so sums over the states (y, an
 ddelta) are adds inside a lane, every per-channel quantity (softplus, gates) is computed once per lane, and nothing
 moves between lanes except the backward's sums over channels (dB, dC). B_t and C_t are the same for every lane: read
 as scalars, two bf16 per 32-bit load when they are stored so (``_raw_bc``). Nothing of size B*D*L*N goes to memory in
-the forward.
+the forward. No load is masked (``_clamped``: a masked load costs a zeroing move per register), and the softplus and
+sigmoids use the special-function unit's one-instruction approximations (``FAST_MATH``).
 
 Backward, with nothing saved by the forward but its inputs, in two passes over the sequence per program:
   pass 1  runs the recurrence forward and stores the state at the end of every chunk of CHUNK steps (an fp32
@@ -38,18 +39,24 @@ states, written and read once) against registers, and so resident warps. PREFETC
 chunk before the current chunk's state is stored.
 """
 import contextlib
+import os
 from typing import List, Optional
 
 import torch
 from torch import Tensor
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 LANES = 32
 CHUNK = 3       # backward: steps whose states stay in registers together (3 beat 2 at every measured shape)
 PREFETCH = True  # pass 1 issues the next chunk's loads before storing this chunk's state
+# The softplus and the sigmoids take one special-function instruction per exp, log and division (approximate, a few
+# ulp). Triton's own tl.log, tl.sigmoid and "/" are exact library sequences, about 30 instructions for a log: 10-20%
+# of the scan's instructions per step. Triton's interpreter cannot run the approximations and uses the exact forms.
+FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
@@ -60,10 +67,34 @@ def _position(t, L, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _exp(x):
+    return tl.exp2(x * LOG2E)  # one approximate exp2 (Triton's tl.exp adds a denormal fix-up around it)
+
+
+@triton.jit
+def _div(a, b):
+    if FAST_MATH:
+        return libdevice.fast_dividef(a, b)
+    return a / b
+
+
+@triton.jit
+def _log(x):
+    if FAST_MATH:
+        return libdevice.fast_log2f(x) * LN2
+    return tl.log(x)
+
+
+@triton.jit
+def _sigmoid(x):
+    return _div(1.0, 1.0 + _exp(-x))
+
+
+@triton.jit
 def _softplus(x):
-    e = tl.exp(x)
+    e = _exp(x)
     w = 1.0 + e
-    lp = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
+    lp = tl.where(w == 1.0, e, _div(_log(w) * e, w - 1.0))  # log1p(e), accurate where e is small
     return tl.where(x > 20.0, x, lp)
 
 
@@ -73,17 +104,23 @@ def _vec(ptr, offs, mask):
 
 
 @triton.jit
-def _raw_bc(ptr, stride, mask, N: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr):
+def _raw_bc(ptr, stride, N: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr):
     """One time step's B (or C) as stored: BLOCK_N/2 32-bit words of bf16 pairs when PACKED (stride 1, 4-byte
     aligned: half the loads, and a bf16 becomes an fp32 by one shift or mask), else BLOCK_N scalars. 0 past N."""
     out = ()
     if PACKED:
         words = ptr.to(tl.pointer_type(tl.int32))
         for j in tl.static_range(BLOCK_N // 2):
-            out = out + (tl.load(words + j, mask=mask & (2 * j < N), other=0),)
+            if 2 * j < N:
+                out = out + (tl.load(words + j),)
+            else:
+                out = out + (tl.full((), 0, tl.int32),)
     else:
         for n in tl.static_range(BLOCK_N):
-            out = out + (tl.load(ptr + n * stride, mask=mask & (n < N), other=0.0),)
+            if n < N:
+                out = out + (tl.load(ptr + n * stride),)
+            else:
+                out = out + (tl.full((), 0.0, tl.float32),)
     return out
 
 
@@ -142,15 +179,19 @@ def _setup(A_ptr, D_ptr, bias_ptr, s_Ad, s_An, offs_d, mask_d, N: tl.constexpr, 
 
 
 @triton.jit
-def _step_loads(u_ptr, dt_ptr, B_ptr, t, L, offs_d, mask_d, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn,
-                N: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr, REVERSE: tl.constexpr):
-    """What the recurrence reads of step t (nothing past the sequence), as stored: (u, delta, B)."""
-    p = _position(t, L, REVERSE)
-    live = t < L
-    m_d = mask_d & live
-    return (tl.load(u_ptr + p * s_ul + offs_d * s_ud, mask=m_d, other=0.0),
-            tl.load(dt_ptr + p * s_tl + offs_d * s_td, mask=m_d, other=0.0),
-            _raw_bc(B_ptr + p * s_Bl, s_Bn, live, N, BLOCK_N, PACKED))
+def _step_loads(u_ptr, dt_ptr, B_ptr, p, offs_c, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn,
+                N: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr):
+    """What the recurrence reads at position p, as stored: (u, delta, B)."""
+    return (tl.load(u_ptr + p * s_ul + offs_c * s_ud), tl.load(dt_ptr + p * s_tl + offs_c * s_td),
+            _raw_bc(B_ptr + p * s_Bl, s_Bn, N, BLOCK_N, PACKED))
+
+
+@triton.jit
+def _clamped(t, L, REVERSE: tl.constexpr):
+    """Position of step t, or of the last step for t past the sequence: loads are never masked (a masked load
+    costs a zeroing move per register); a step past the end reads real data and is made inert by its delta and
+    output gradient, set to 0."""
+    return _position(tl.minimum(t, L - 1), L, REVERSE)
 
 
 @triton.jit
@@ -164,6 +205,7 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < Dim
+    offs_c = tl.minimum(offs_d, Dim - 1)  # channels past Dim read the last one's data, with delta 0: no masked loads
     A2, bias, Dv = _setup(A_ptr, D_ptr, bias_ptr, s_Ad, s_An, offs_d, mask_d, N, BLOCK_N, HAS_D, HAS_BIAS)
     u_ptr += pid_b * s_ub
     dt_ptr += pid_b * s_tb
@@ -176,10 +218,9 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_
         h = h + (tl.zeros((BLOCK_D,), tl.float32),)
     for t in range(0, L):
         p = _position(t, L, REVERSE)
-        u, dt_raw, B_raw = _step_loads(u_ptr, dt_ptr, B_ptr, t, L, offs_d, mask_d, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn,
-                                       N, BLOCK_N, PACKED, REVERSE)
-        C_raw = _raw_bc(C_ptr + p * s_Cl, s_Cn, True, N, BLOCK_N, PACKED)
-        z = tl.load(z_ptr + p * s_zl + offs_d * s_zd, mask=mask_d & HAS_Z, other=0.0)
+        u, dt_raw, B_raw = _step_loads(u_ptr, dt_ptr, B_ptr, p, offs_c, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn,
+                                       N, BLOCK_N, PACKED)
+        C_raw = _raw_bc(C_ptr + p * s_Cl, s_Cn, N, BLOCK_N, PACKED)
         u = u.to(tl.float32)
         dt, _ = _delta(dt_raw, bias, mask_d, SOFTPLUS)
         Bt = _unpack(B_raw, BLOCK_N, PACKED)
@@ -193,8 +234,8 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_
             nh = nh + (hn,)
         h = nh
         if HAS_Z:
-            zf = z.to(tl.float32)
-            y = y * zf * tl.sigmoid(zf)
+            zf = tl.load(z_ptr + p * s_zl + offs_c * s_zd).to(tl.float32)
+            y = y * zf * _sigmoid(zf)
         tl.store(out_ptr + p * s_ol + offs_d * s_od, y.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
@@ -237,6 +278,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
     lane = tl.arange(0, BLOCK_D)
     offs_d = pid_d * BLOCK_D + lane
     mask_d = offs_d < Dim
+    offs_c = tl.minimum(offs_d, Dim - 1)  # channels past Dim read the last one's data, with delta 0: no masked loads
     A2, bias, Dv = _setup(A_ptr, D_ptr, bias_ptr, s_Ad, s_An, offs_d, mask_d, N, BLOCK_N, HAS_D, HAS_BIAS)
     u_ptr += pid_b * s_ub
     dt_ptr += pid_b * s_tb
@@ -261,19 +303,19 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
         h = h + (tl.zeros((BLOCK_D,), tl.float32),)
     cur = ()
     for k in tl.static_range(CHUNK):
-        cur = cur + (_step_loads(u_ptr, dt_ptr, B_ptr, k, L, offs_d, mask_d, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn,
-                                 N, BLOCK_N, PACKED, REVERSE),)
+        cur = cur + (_step_loads(u_ptr, dt_ptr, B_ptr, _clamped(k, L, REVERSE), offs_c, s_ul, s_ud, s_tl, s_td,
+                                 s_Bl, s_Bn, N, BLOCK_N, PACKED),)
     for c in range(0, n_chunks - 1):
         if PREFETCH:
             nxt = ()
             for k in tl.static_range(CHUNK):
-                nxt = nxt + (_step_loads(u_ptr, dt_ptr, B_ptr, (c + 1) * CHUNK + k, L, offs_d, mask_d, s_ul, s_ud,
-                                         s_tl, s_td, s_Bl, s_Bn, N, BLOCK_N, PACKED, REVERSE),)
+                nxt = nxt + (_step_loads(u_ptr, dt_ptr, B_ptr, _clamped((c + 1) * CHUNK + k, L, REVERSE), offs_c,
+                                         s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn, N, BLOCK_N, PACKED),)
         else:
             cur = ()
             for k in tl.static_range(CHUNK):
-                cur = cur + (_step_loads(u_ptr, dt_ptr, B_ptr, c * CHUNK + k, L, offs_d, mask_d, s_ul, s_ud,
-                                         s_tl, s_td, s_Bl, s_Bn, N, BLOCK_N, PACKED, REVERSE),)
+                cur = cur + (_step_loads(u_ptr, dt_ptr, B_ptr, _clamped(c * CHUNK + k, L, REVERSE), offs_c,
+                                         s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn, N, BLOCK_N, PACKED),)
         for k in tl.static_range(CHUNK):
             u_r, dt_r, B_r = cur[k]
             dt, _ = _delta(dt_r, bias, mask_d, SOFTPLUS)
@@ -302,15 +344,14 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
         h = _rows(ck_ptr + tl.maximum(c - 1, 0) * SLOT, BLOCK_D, lane, c > 0, BLOCK_N)
         ld = ()
         for k in tl.static_range(CHUNK):
-            t = c * CHUNK + k
-            p = _position(t, L, REVERSE)
-            live = t < L
-            m_d = mask_d & live
-            ld = ld + ((_step_loads(u_ptr, dt_ptr, B_ptr, t, L, offs_d, mask_d, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn,
-                                    N, BLOCK_N, PACKED, REVERSE),
-                        _raw_bc(C_ptr + p * s_Cl, s_Cn, live, N, BLOCK_N, PACKED),
-                        tl.load(dout_ptr + p * s_ol + offs_d * s_od, mask=m_d, other=0.0),
-                        tl.load(z_ptr + p * s_zl + offs_d * s_zd, mask=m_d & HAS_Z, other=0.0)),)
+            p = _clamped(c * CHUNK + k, L, REVERSE)
+            z_r = 0.0
+            if HAS_Z:
+                z_r = tl.load(z_ptr + p * s_zl + offs_c * s_zd)
+            ld = ld + ((_step_loads(u_ptr, dt_ptr, B_ptr, p, offs_c, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn,
+                                    N, BLOCK_N, PACKED),
+                        _raw_bc(C_ptr + p * s_Cl, s_Cn, N, BLOCK_N, PACKED),
+                        tl.load(dout_ptr + p * s_ol + offs_c * s_od), z_r),)
         hs = (h,)  # hs[k] = h_{t-1} of the chunk's k-th step t, hs[k + 1] = h_t
         steps = ()  # each step's u, delta and delta + bias (fp32), kept for the way back
         for k in tl.static_range(CHUNK):
@@ -328,7 +369,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
             steps = steps + ((u, dt, x),)
         for k in tl.static_range(CHUNK - 1, -1, -1):
             t = c * CHUNK + k
-            p = _position(t, L, REVERSE)
+            p = _clamped(t, L, REVERSE)
             live = t < L
             m_d = mask_d & live
             u, dt, x = steps[k]
@@ -336,7 +377,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
             B_r = step_ld[2]
             Bt = _unpack(B_r, BLOCK_N, PACKED)
             Ct = _unpack(C_r, BLOCK_N, PACKED)
-            dy = dy_r.to(tl.float32)
+            dy = tl.where(m_d, dy_r.to(tl.float32), 0.0)  # 0 past the sequence: such a step passes g through
             hp = hs[k]
             hc = hs[k + 1]
             if HAS_Z:
@@ -344,7 +385,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 y = Dv * u
                 for n in tl.static_range(BLOCK_N):
                     y += hc[n] * Ct[n]
-                sz = tl.sigmoid(z)
+                sz = _sigmoid(z)
                 dz = dy * y * sz * (1.0 + z * (1.0 - sz))
                 tl.store(dz_ptr + p * s_dzl + offs_d * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
                 dy = dy * z * sz
@@ -372,7 +413,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
             if HAS_D:
                 dD_acc += dy * u
             if SOFTPLUS:
-                ddt = ddt * tl.sigmoid(x)
+                ddt = ddt * _sigmoid(x)
             ddt = tl.where(m_d, ddt, 0.0)
             dbias_acc += ddt
             tl.store(du_ptr + p * s_dul + offs_d * s_dud, du.to(du_ptr.dtype.element_ty), mask=m_d)

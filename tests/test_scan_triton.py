@@ -245,6 +245,21 @@ def test_kernels_unpack_no_nested_tuples():
     assert not nested, nested
 
 
+def test_compiled_kernels_use_one_instruction_math_and_do_not_spill():
+    """On a GPU the softplus and sigmoids take the special-function unit's single instructions (Triton's exact log
+    and division are ~30-instruction sequences per step), and the backward keeps its chunk in registers: compiled for
+    sm_90 here (the interpreter runs the exact forms, so only this sees the GPU's math)."""
+    pytest.importorskip("triton")
+    from tools import scan_regs
+    for kind in ("fwd", "bwd"):
+        compiled = scan_regs.compile_kernel(kind, 90)
+        ptx = compiled.asm["ptx"]
+        assert "div.full" not in ptx and "div.rn" not in ptx and "div.approx" in ptx, kind
+        assert ("lg2.approx" in ptx) and "ex2.approx.f32" not in ptx, kind  # every exp2 flushes denormals: one MUFU
+        regs, stack = scan_regs.resource_usage(compiled)
+        assert regs <= 255 and stack == 0, (kind, regs, stack)
+
+
 def test_too_many_states_is_refused():
     pytest.importorskip("triton")
     from models.scan_triton import selective_scan_triton
