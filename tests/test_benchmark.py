@@ -102,7 +102,14 @@ def test_scan_regs_compiles_for_a_gpu_without_one(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [(r["kernel"], r["chunk"]) for r in rows] == [("fwd", None), ("bwd", 1), ("bwd", 2)]
     assert all(0 < r["regs"] <= 255 and r["stack_bytes"] >= 0 and r["arch"] == 90 for r in rows)
-    assert capsys.readouterr().out.count("regs") == 3 and st.CHUNK == chunk
+    # the loops over the sequence: the forward's one, the backward's two passes; per step = sum / steps per iteration
+    assert [len(r["loop_instructions"]) for r in rows] == [1, 2, 2]
+    for r in rows:
+        steps = 1 if r["kernel"] == "fwd" else r["chunk"]
+        assert all(n > 50 for n in r["loop_instructions"])
+        assert r["instructions_per_step"] == round(sum(r["loop_instructions"]) / steps, 1)
+    out_text = capsys.readouterr().out
+    assert out_text.count("regs") == 3 and out_text.count("a step") == 3 and st.CHUNK == chunk
     assert scan_regs.main(["--chunks", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--chunks must be positive" in err

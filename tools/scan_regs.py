@@ -8,11 +8,14 @@ warps an SM holds; spills slow it down. This shows both without a GPU, before a 
     python tools/scan_regs.py                        # the forward and the backward as configured, for sm_90
     python tools/scan_regs.py --chunks 1 2 3 4 --arch 80
 
-Per kernel: registers per thread and stack bytes per thread (spilled registers live there), as ptxas allocates them
-for the model's case (bf16 activations, fp32 parameters, 16 states, D, z, delta_bias and softplus on, forward scan).
+Per kernel: registers per thread and stack bytes per thread (spilled registers live there), as ptxas allocates them,
+and the machine instructions in each loop over the sequence (from nvdisasm's SASS; per step: the loop's count divided
+by the steps one iteration takes, 1 in the forward and the chunk length in the backward's two passes). The scan is
+bound by issuing instructions, so that count is what a change must lower. All for the model's case (bf16 activations, fp32 parameters, 16 states, D, z, delta_bias and softplus on, forward scan).
 Numbers belong to the installed Triton and ptxas: another Triton version may allocate differently.
 """
 import argparse
+import collections
 import json
 import os
 import re
@@ -88,6 +91,39 @@ def resource_usage(compiled):
     return int(match.group(1)), int(match.group(2))
 
 
+def _sass(compiled):
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        return subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
+
+
+def loops(compiled):
+    """-> [(instructions, {opcode: count})] of each outermost loop in the kernel's SASS, in program order (a loop: the
+    instructions from a label to a branch back to it)."""
+    labels, instrs = {}, []
+    for line in _sass(compiled).splitlines():
+        m = re.match(r"\s*\.(L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(instrs)
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if m:
+            text = re.sub(r"^@!?U?P\w+\s+", "", m.group(1).strip())
+            instrs.append(text)
+    spans = []
+    for i, text in enumerate(instrs):
+        m = re.match(r"BRA\S*\s+`?\(\.(L_x_\d+)\)", text)
+        if m and labels.get(m.group(1), i) < i:  # (a branch to itself is the end-of-kernel trap, not a loop)
+            start = labels[m.group(1)]
+            spans = [sp for sp in spans if not start <= sp[0]] + [(start, i)]
+    return [(end - start + 1, dict(collections.Counter(t.split()[0].split(".")[0] for t in instrs[start:end + 1])))
+            for start, end in spans]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability as a number: 90 (H100/H200), 80 (A100)")
@@ -112,14 +148,19 @@ def main(argv=None):
         for kind, chunk in shapes:
             st.CHUNK = chunk or saved
             try:
-                regs, stack = resource_usage(compile_kernel(kind, args.arch))
+                compiled = compile_kernel(kind, args.arch)
+                regs, stack = resource_usage(compiled)
+                sizes = [n for n, _ in loops(compiled)]
             except Exception as e:  # one line, not a traceback: the Triton API moves between versions
                 print(f"scan_regs.py: error: compiling the {kind} kernel for sm_{args.arch} failed: "
                       f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", file=sys.stderr)
                 return 1
-            rows.append(dict(kernel=kind, chunk=chunk, arch=args.arch, regs=regs, stack_bytes=stack))
-            label = "forward" if kind == "fwd" else f"backward, chunk {chunk}"
-            print(f"{label:<20} sm_{args.arch}  regs {regs:>3}  stack {stack:>5} bytes", flush=True)
+            steps = 1 if kind == "fwd" else (chunk or saved)
+            rows.append(dict(kernel=kind, chunk=chunk, arch=args.arch, regs=regs, stack_bytes=stack,
+                             loop_instructions=sizes, instructions_per_step=round(sum(sizes) / steps, 1)))
+            label = "forward" if kind == "fwd" else f"backward, chunk {chunk or saved}"
+            print(f"{label:<20} sm_{args.arch}  regs {regs:>3}  stack {stack:>5} bytes  loop instructions "
+                  f"{'+'.join(map(str, sizes))} = {sum(sizes) / steps:.0f} a step", flush=True)
     finally:
         st.CHUNK = saved
     if args.json:
