@@ -10,8 +10,9 @@ warps an SM holds; spills slow it down. This shows both without a GPU, before a 
 
 Per kernel: registers per thread and stack bytes per thread (spilled registers live there), as ptxas allocates them,
 and the machine instructions in each loop over the sequence (from nvdisasm's SASS; per step: the loop's count divided
-by the steps one iteration takes, 1 in the forward and the chunk length in the backward's two passes). The scan is
-bound by issuing instructions, so that count is what a change must lower. All for the model's case (bf16 activations, fp32 parameters, 16 states, D, z, delta_bias and softplus on, forward scan).
+by the steps one iteration takes, 1 in the forward and the chunk length in the backward's two passes): with the
+latency of the loads, what bounds the scan (docs/SPEED.md). All for the model's case (bf16 activations, fp32
+parameters, 16 states, D, z, delta_bias and softplus on, forward scan).
 Numbers belong to the installed Triton and ptxas: another Triton version may allocate differently.
 """
 import argparse
