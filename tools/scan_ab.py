@@ -21,6 +21,7 @@ import types
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.benchmark import _cuda_ms  # noqa: E402
 
 
 class Refused(Exception):
@@ -59,19 +60,6 @@ def inputs(batch, length, dim=768, state=16, dt_rank=24, device="cuda"):
     return u, dt, A, B, C, r(dim), z, r(dim) * 0.1, dout
 
 
-def cuda_ms(fn, reps=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def compare(kernels, shapes):
     """kernels: [(label, module)]; shapes: [(length, batch)] -> rows, printed as they come."""
     rows = []
@@ -92,8 +80,9 @@ def compare(kernels, shapes):
                               for x, y in zip(results, first[reverse]))
                 else:
                     first[reverse] = results
-                row = dict(kernel=label, length=length, batch=batch, reverse=reverse, fwd_ms=round(cuda_ms(fwd), 4),
-                           bwd_ms=round(cuda_ms(bwd), 4), max_rel_diff_vs_first=err)
+                row = dict(kernel=label, length=length, batch=batch, reverse=reverse,
+                           fwd_ms=round(_cuda_ms(fwd, 20), 4), bwd_ms=round(_cuda_ms(bwd, 20), 4),
+                           max_rel_diff_vs_first=err)
                 rows.append(row)
                 print(f"{label:<40} L {length:>4} batch {batch:>5} {'reverse' if reverse else 'forward':<8} "
                       f"forward {row['fwd_ms']:.3f} ms  backward {row['bwd_ms']:.3f} ms"

@@ -77,36 +77,31 @@ def compile_kernel(kind, arch):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=meta["num_warps"]))
 
 
-def resource_usage(compiled):
-    """-> (registers, stack bytes) per thread, read from the cubin by the cuobjdump that ships with Triton."""
+def _cubin_tool(compiled, tool, *flags):
+    """-> the stdout of one of the CUDA tools that ship with Triton (cuobjdump, nvdisasm) run on the kernel's cubin."""
     import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    path_to_tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([path_to_tool, *flags, path], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(compiled):
+    """-> (registers, stack bytes) per thread, read from the cubin by cuobjdump."""
+    out = _cubin_tool(compiled, "cuobjdump", "-res-usage")
     match = re.search(r"REG:(\d+) STACK:(\d+)", out)
     if not match:
         raise RuntimeError(f"no register count in cuobjdump's output: {out.strip()[:200]}")
     return int(match.group(1)), int(match.group(2))
 
 
-def _sass(compiled):
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        return subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
-
-
 def loops(compiled):
     """-> [(instructions, {opcode: count})] of each outermost loop in the kernel's SASS, in program order (a loop: the
     instructions from a label to a branch back to it)."""
     labels, instrs = {}, []
-    for line in _sass(compiled).splitlines():
+    for line in _cubin_tool(compiled, "nvdisasm", "-c").splitlines():
         m = re.match(r"\s*\.(L_x_\d+):", line)
         if m:
             labels[m.group(1)] = len(instrs)
