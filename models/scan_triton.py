@@ -469,13 +469,13 @@ def _forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
     return grid, args, dict(meta, num_warps=1), out
 
 
-def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk=None):
     """-> (grid, arguments, compile-time constants, output buffers) of the backward kernel's launch (the registers
-    tool, tools/scan_regs.py, compiles exactly these without a GPU)."""
+    tool, tools/scan_regs.py, compiles exactly these without a GPU); chunk: the chunk length (default CHUNK)."""
     Bsz, Dim, L = u.shape
     meta = _meta(u, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     N, block_n = meta["N"], meta["BLOCK_N"]
-    chunk = min(CHUNK, L)
+    chunk = min(chunk or CHUNK, L)
     grid = (triton.cdiv(Dim, LANES), Bsz)
     f32 = dict(dtype=torch.float32, device=u.device)
     du, ddelta = _empty_like_bdl(u), _empty_like_bdl(delta)
@@ -505,6 +505,11 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
 def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
     grid, args, meta, buffers = _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     _bwd_kernel[grid](*args, **meta)
+    return _reduce_partials(buffers, A, B, C, D, delta_bias)
+
+
+def _reduce_partials(buffers, A, B, C, D, delta_bias):
+    """The backward kernel's buffers -> the gradients in the inputs' layouts and dtypes (per-batch partials summed)."""
     du, ddelta, dz, dB, dC, dA, dD, dbias = buffers
     dA = dA.sum(0).t().contiguous().to(A.dtype)
     dB = dB.transpose(1, 2).contiguous().to(B.dtype)  # (B, N, L)
@@ -526,62 +531,66 @@ def _device(u):
     return torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext()
 
 
-@torch.library.custom_op("vim::selective_scan_fwd", mutates_args=())
-def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-              delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool) -> Tensor:
-    with _device(u):
-        return _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+def scan_op(name, forward, backward):
+    """-> a selective scan function (``selective_scan_triton``'s signature and checks) running ``forward`` and
+    ``backward`` (``_forward``'s and ``_backward``'s signatures) as the custom ops vim::<name>_fwd and _bwd, so that
+    torch.compile treats them as opaque calls and autograd knows the backward."""
+    def fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+            delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool) -> Tensor:
+        with _device(u):
+            return forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+
+    def bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+            z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool) -> List[Tensor]:
+        with _device(u):
+            grads = backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+        return [u.new_empty(0) if g is None else g for g in grads]
+
+    fwd_op = torch.library.custom_op(f"vim::{name}_fwd", fwd, mutates_args=())
+    bwd_op = torch.library.custom_op(f"vim::{name}_bwd", bwd, mutates_args=())
+
+    @fwd_op.register_fake
+    def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+        return _empty_like_bdl(u)
+
+    @bwd_op.register_fake
+    def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+        return [u.new_empty(0) if g is None else g for g in _grad_layouts(u, delta, A, B, C, D, z, delta_bias)]
+
+    def setup_context(ctx, inputs, output):
+        *tensors, ctx.delta_softplus, ctx.reverse = inputs
+        ctx.save_for_backward(*tensors)
+
+    def scan_backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        grads = bwd_op(dout, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.reverse)
+        inputs = (u, delta, A, B, C, D, z, delta_bias)
+        return (*(None if x is None else g for g, x in zip(grads, inputs)), None, None)
+
+    fwd_op.register_autograd(scan_backward, setup_context=setup_context)
+
+    def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
+        Bsz, Dim, L = u.shape
+        N = A.shape[1]
+        if delta.shape != u.shape or (z is not None and z.shape != u.shape):
+            raise ValueError("u, delta and z must all be (B, D, L)")
+        if A.shape != (Dim, N) or A.is_complex():
+            raise ValueError(f"A must be a real (D, N) = ({Dim}, N) tensor, got {tuple(A.shape)} {A.dtype}")
+        if N > LANES:
+            raise ValueError(f"at most {LANES} states, got {N}")
+        if B.shape != (Bsz, N, L) or C.shape != (Bsz, N, L):
+            raise ValueError(f"B and C must be (B, N, L) = ({Bsz}, {N}, {L})")
+        if (D is not None and D.shape != (Dim,)) or (delta_bias is not None and delta_bias.shape != (Dim,)):
+            raise ValueError(f"D and delta_bias must be ({Dim},)")
+        if Bsz > 65535:  # the batch is the second grid axis
+            raise ValueError(f"batch {Bsz} is above 65535; split it")
+        return fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse))
+
+    scan.__doc__ = f"""Selective scan with mamba-ssm's ``selective_scan_fn`` signature (shapes and semantics in
+    models/scan_triton.py's docstring), by the {name} kernels. Differentiable w.r.t. u, delta, A, B, C, D, z and
+    delta_bias. Returns (B, D, L) in u's dtype, stored (B, L, D)-contiguous when u's channels are contiguous (a
+    ``.transpose(1, 2)`` view), else contiguous."""
+    return scan
 
 
-@_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    return _empty_like_bdl(u)
-
-
-@torch.library.custom_op("vim::selective_scan_bwd", mutates_args=())
-def _scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-              z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool) -> List[Tensor]:
-    with _device(u):
-        grads = _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-    return [u.new_empty(0) if g is None else g for g in grads]
-
-
-@_scan_bwd.register_fake
-def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    return [u.new_empty(0) if g is None else g for g in _grad_layouts(u, delta, A, B, C, D, z, delta_bias)]
-
-
-def _setup_context(ctx, inputs, output):
-    *tensors, ctx.delta_softplus, ctx.reverse = inputs
-    ctx.save_for_backward(*tensors)
-
-
-def _scan_backward(ctx, dout):
-    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-    grads = _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.reverse)
-    inputs = (u, delta, A, B, C, D, z, delta_bias)
-    return (*(None if x is None else g for g, x in zip(grads, inputs)), None, None)
-
-
-_scan_fwd.register_autograd(_scan_backward, setup_context=_setup_context)
-
-
-def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
-    """Selective scan with mamba-ssm's ``selective_scan_fn`` signature; shapes and semantics in the module docstring.
-    Differentiable w.r.t. u, delta, A, B, C, D, z and delta_bias. Returns (B, D, L) in u's dtype, stored
-    (B, L, D)-contiguous when u's channels are contiguous (a ``.transpose(1, 2)`` view), else contiguous."""
-    Bsz, Dim, L = u.shape
-    N = A.shape[1]
-    if delta.shape != u.shape or (z is not None and z.shape != u.shape):
-        raise ValueError("u, delta and z must all be (B, D, L)")
-    if A.shape != (Dim, N) or A.is_complex():
-        raise ValueError(f"A must be a real (D, N) = ({Dim}, N) tensor, got {tuple(A.shape)} {A.dtype}")
-    if N > LANES:
-        raise ValueError(f"at most {LANES} states, got {N}")
-    if B.shape != (Bsz, N, L) or C.shape != (Bsz, N, L):
-        raise ValueError(f"B and C must be (B, N, L) = ({Bsz}, {N}, {L})")
-    if (D is not None and D.shape != (Dim,)) or (delta_bias is not None and delta_bias.shape != (Dim,)):
-        raise ValueError(f"D and delta_bias must be ({Dim},)")
-    if Bsz > 65535:  # the batch is the second grid axis
-        raise ValueError(f"batch {Bsz} is above 65535; split it")
-    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse))
+selective_scan_triton = scan_op("selective_scan", _forward, _backward)

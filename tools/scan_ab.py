@@ -2,8 +2,8 @@
 """A/B of selective-scan kernel files in one run: each call's forward and backward time, and how far each file's
 outputs and gradients are from the first file's.
 
-A kernel file is models/scan_triton.py or an older or edited copy of it (for example `git show REV:models/scan_triton.py
-> /tmp/old.py`); its launch functions (`_forward`, `_backward`) are timed directly, so copies never clash. FILE:NAME=N
+A kernel file is models/scan_triton.py, models/scan_triton_prefetch.py or an older or edited copy of one (for example
+`git show REV:models/scan_triton.py > /tmp/old.py`); its launch functions (`_forward`, `_backward`) are timed directly, so copies never clash. FILE:NAME=N
 sets a module constant after loading (CHUNK, PREFETCH), to time a setting without editing the file.
 
     python tools/scan_ab.py /tmp/old.py models/scan_triton.py models/scan_triton.py:CHUNK=2 --json ab.json
@@ -15,6 +15,7 @@ are timed apart. Times are CUDA events around 20 calls after 3 warm-up calls. Ne
 import argparse
 import json
 import os
+import re
 import sys
 import types
 
@@ -30,17 +31,19 @@ class Refused(Exception):
 
 def load(spec):
     """'path[:NAME=int,...]' -> module with the file's kernels and launch functions. The file's torch.library
-    registrations (everything from ``def _device``) are left out: two copies would register the same op names."""
+    registrations (from ``def _device`` or the first ``... = scan_op(``) are left out: two copies would register the
+    same op names."""
     path, _, settings = spec.partition(":")
     try:
         src = open(path).read()
     except OSError as e:
         raise Refused(f"cannot read {path}: {e.strerror}")
-    if "def _device(" not in src or "def _forward(" not in src or "def _backward(" not in src:
-        raise Refused(f"{path} is not a scan kernel file (no _forward, _backward and _device)")
+    end = re.search(r"^(def _device\(|\w+ = scan_op\()", src, re.M)
+    if end is None or "def _forward(" not in src or "def _backward(" not in src:
+        raise Refused(f"{path} is not a scan kernel file (no _forward, _backward and op registration)")
     module = types.ModuleType(os.path.splitext(os.path.basename(path))[0])
     module.__file__ = os.path.abspath(path)
-    exec(compile(src[:src.index("def _device(")], path, "exec"), module.__dict__)
+    exec(compile(src[:end.start()], path, "exec"), module.__dict__)
     for item in filter(None, settings.split(",")):
         name, eq, value = item.partition("=")
         if not eq or not hasattr(module, name) or not value.lstrip("-").isdigit():
