@@ -264,6 +264,48 @@ def _sum_over_lanes(v, lane, LOG2N: tl.constexpr):
 
 
 @triton.jit
+def _gate_back(dy, z_raw, u, Ct, hc, Dv, BLOCK_N: tl.constexpr):
+    """Back through out = y * silu(z): -> (dz, the gradient of y), with y = <C_t, h_t> + D*u recomputed."""
+    z = z_raw.to(tl.float32)
+    y = Dv * u
+    for n in tl.static_range(BLOCK_N):
+        y += hc[n] * Ct[n]
+    sz = _sigmoid(z)
+    return dy * y * sz * (1.0 + z * (1.0 - sz)), dy * z * sz
+
+
+@triton.jit
+def _adjoint_step(u, dt, x, dy, Bt, Ct, hp, hc, q, dA_acc, A2, Dv, zero, m_d, BLOCK_N: tl.constexpr,
+                  SOFTPLUS: tl.constexpr):
+    """One step back through the recurrence (the module docstring's pass 2), everything a lane owns: u, delta (dt) and
+    delta + bias (x) of the step, the gradient of y (0 where m_d is off), B_t and C_t, h_{t-1} (hp) and h_t (hc), and
+    the carried a_{t+1}*g_{t+1} (q) and dA sums. -> (du, ddelta, q for step t-1, dA sums, dB_t's and dC_t's parts
+    before the sum over lanes)."""
+    dtu = dt * u
+    gB = zero
+    gAhb = zero
+    nq = ()
+    nA = ()
+    dBp = ()
+    dCp = ()
+    for n in tl.static_range(BLOCK_N):
+        g = Ct[n] * dy + q[n]                        # g_t = C_t*dy_t + a_{t+1}*g_{t+1}
+        qn = tl.exp2(dt * A2[n]) * g                 # a_t*g_t, for step t-1
+        ghb = qn * hp[n]                             # g_t * a_t * h_{t-1}
+        nq = nq + (qn,)
+        nA = nA + (dA_acc[n] + ghb * dt,)
+        gB += g * Bt[n]
+        gAhb += ghb * A2[n]
+        dBp = dBp + (g * dtu,)
+        dCp = dCp + (hc[n] * dy,)
+    ddt = gAhb * LN2 + u * gB
+    du = dt * gB + Dv * dy
+    if SOFTPLUS:
+        ddt = ddt * _sigmoid(x)
+    return du, tl.where(m_d, ddt, 0.0), nq, nA, dBp, dCp
+
+
+@triton.jit
 def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
                 du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, ck_ptr,
                 Dim, L,
@@ -378,43 +420,13 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
             Bt = _unpack(B_r, BLOCK_N, PACKED)
             Ct = _unpack(C_r, BLOCK_N, PACKED)
             dy = tl.where(m_d, dy_r.to(tl.float32), 0.0)  # 0 past the sequence: such a step passes g through
-            hp = hs[k]
-            hc = hs[k + 1]
             if HAS_Z:
-                z = z_r.to(tl.float32)
-                y = Dv * u
-                for n in tl.static_range(BLOCK_N):
-                    y += hc[n] * Ct[n]
-                sz = _sigmoid(z)
-                dz = dy * y * sz * (1.0 + z * (1.0 - sz))
+                dz, dy = _gate_back(dy, z_r, u, Ct, hs[k + 1], Dv, BLOCK_N)
                 tl.store(dz_ptr + p * s_dzl + offs_d * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
-                dy = dy * z * sz
-            dtu = dt * u
-            gB = zero
-            gAhb = zero
-            nq = ()
-            nA = ()
-            dBp = ()
-            dCp = ()
-            for n in tl.static_range(BLOCK_N):
-                g = Ct[n] * dy + q[n]                        # g_t = C_t*dy_t + a_{t+1}*g_{t+1}
-                qn = tl.exp2(dt * A2[n]) * g                 # a_t*g_t, for step t-1
-                ghb = qn * hp[n]                             # g_t * a_t * h_{t-1}
-                nq = nq + (qn,)
-                nA = nA + (dA_acc[n] + ghb * dt,)
-                gB += g * Bt[n]
-                gAhb += ghb * A2[n]
-                dBp = dBp + (g * dtu,)
-                dCp = dCp + (hc[n] * dy,)
-            q = nq
-            dA_acc = nA
-            ddt = gAhb * LN2 + u * gB
-            du = dt * gB + Dv * dy
+            du, ddt, q, dA_acc, dBp, dCp = _adjoint_step(u, dt, x, dy, Bt, Ct, hs[k], hs[k + 1], q, dA_acc, A2, Dv,
+                                                         zero, m_d, BLOCK_N, SOFTPLUS)
             if HAS_D:
                 dD_acc += dy * u
-            if SOFTPLUS:
-                ddt = ddt * _sigmoid(x)
-            ddt = tl.where(m_d, ddt, 0.0)
             dbias_acc += ddt
             tl.store(du_ptr + p * s_dul + offs_d * s_dud, du.to(du_ptr.dtype.element_ty), mask=m_d)
             tl.store(ddt_ptr + p * s_dtl + offs_d * s_dtd, ddt.to(ddt_ptr.dtype.element_ty), mask=m_d)

@@ -15,12 +15,11 @@ issued just before they are needed and the backward has no registers left to iss
 This is a candidate for replacing ``models.scan_triton``: ``--scan triton`` stays the default until this one beats it
 at every measured shape (``tools/scan_ab.py``).
 """
-import torch
 import triton
 import triton.language as tl
 
 import models.scan_triton as st
-from models.scan_triton import (LN2, _clamped, _delta, _empty_like_bdl, _setup, _sigmoid, _sum_over_lanes,
+from models.scan_triton import (_adjoint_step, _clamped, _delta, _gate_back, _setup, _sigmoid, _sum_over_lanes,
                                 scan_op)
 
 CHUNK = 3  # backward: steps whose states stay in registers together (as models.scan_triton's)
@@ -261,43 +260,13 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
             Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
             Ct = _step_bc(cur[3], k, BLOCK_D, BLOCK_N, PACKED)
             dy = tl.where(m_d, ld[k][3].to(tl.float32), 0.0)  # 0 past the sequence: such a step passes g through
-            hp = hs[k]
-            hc = hs[k + 1]
             if HAS_Z:
-                z = ld[k][2].to(tl.float32)
-                y = Dv * u
-                for n in tl.static_range(BLOCK_N):
-                    y += hc[n] * Ct[n]
-                sz = _sigmoid(z)
-                dz = dy * y * sz * (1.0 + z * (1.0 - sz))
+                dz, dy = _gate_back(dy, ld[k][2], u, Ct, hs[k + 1], Dv, BLOCK_N)
                 tl.store(dz_ptr + p * s_dzl + offs_d * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
-                dy = dy * z * sz
-            dtu = dt * u
-            gB = zero
-            gAhb = zero
-            nq = ()
-            nA = ()
-            dBp = ()
-            dCp = ()
-            for n in tl.static_range(BLOCK_N):
-                g = Ct[n] * dy + q[n]                        # g_t = C_t*dy_t + a_{t+1}*g_{t+1}
-                qn = tl.exp2(dt * A2[n]) * g                 # a_t*g_t, for step t-1
-                ghb = qn * hp[n]                             # g_t * a_t * h_{t-1}
-                nq = nq + (qn,)
-                nA = nA + (dA_acc[n] + ghb * dt,)
-                gB += g * Bt[n]
-                gAhb += ghb * A2[n]
-                dBp = dBp + (g * dtu,)
-                dCp = dCp + (hc[n] * dy,)
-            q = nq
-            dA_acc = nA
-            ddt = gAhb * LN2 + u * gB
-            du = dt * gB + Dv * dy
+            du, ddt, q, dA_acc, dBp, dCp = _adjoint_step(u, dt, x, dy, Bt, Ct, hs[k], hs[k + 1], q, dA_acc, A2, Dv,
+                                                         zero, m_d, BLOCK_N, SOFTPLUS)
             if HAS_D:
                 dD_acc += dy * u
-            if SOFTPLUS:
-                ddt = ddt * _sigmoid(x)
-            ddt = tl.where(m_d, ddt, 0.0)
             dbias_acc += ddt
             tl.store(du_ptr + p * s_dul + offs_d * s_dud, du.to(du_ptr.dtype.element_ty), mask=m_d)
             tl.store(ddt_ptr + p * s_dtl + offs_d * s_dtd, ddt.to(ddt_ptr.dtype.element_ty), mask=m_d)

@@ -59,7 +59,6 @@ EXTRA_CASES = {"chunk5": [CASES[0], CASES[7]]}  # L = 1 and L = 12: one chunk, a
 # 4 steps at 16 bf16 states, so 5 steps take two), each past and within the sequence's end.
 PREFETCH_VARIANTS = {"chunk1": dict(CHUNK=1), "chunk2": dict(CHUNK=2), "chunk5": dict(CHUNK=5),
                      "group1": dict(GROUP=1), "group5": dict(GROUP=5)}
-KERNEL_MODULES = {"triton": "models.scan_triton", "triton_prefetch": "models.scan_triton_prefetch"}
 
 
 def variant_cases(variant):
@@ -121,9 +120,9 @@ def compare(got, want):
 def check_case(case, device, dtype, tol, variant=None, kernel="triton"):
     """kernel: --scan's name of a Triton kernel; variant: its module's settings (CHUNK, PREFETCH, GROUP) to use
     instead of the configured ones."""
-    import importlib
     from models.scan import get_scan_fn
-    st = importlib.import_module(KERNEL_MODULES[kernel])
+    from tools.scan_regs import kernel_module
+    st = kernel_module(kernel)
     inputs = make_inputs(case, device, dtype)
     saved = {k: getattr(st, k) for k in (variant or {})}
     try:
