@@ -13,17 +13,16 @@ Every backend has the signature of mamba-ssm's ``selective_scan_fn``:
 plus ``reverse``: scan from the last step to the first (the same as flipping every (B, *, L) input along L, scanning
 and flipping the output back). Vim's backward direction uses it.
 
-Backends: ``ref`` (pure PyTorch, runs anywhere), ``cuda`` (mamba-ssm's kernel), ``triton`` (our kernel for short
-sequences, ``models/scan_triton.py``) and ``triton_prefetch`` (a candidate to replace it that keeps later steps' loads
-in flight, ``models/scan_triton_prefetch.py``; not yet timed on a GPU). ``auto`` takes the fastest one that can run
-on the device: triton on CUDA (then mamba-ssm, then ref), ref on the CPU.
+Backends: ``ref`` (pure PyTorch, runs anywhere), ``cuda`` (mamba-ssm's kernel) and ``triton`` (our kernel for short
+sequences, ``models/scan_triton.py``). ``auto`` takes the fastest one that can run on the device: triton on CUDA (then
+mamba-ssm, then ref), ref on the CPU.
 """
 import importlib.util
 
 import torch
 import torch.nn.functional as F
 
-SCAN_CHOICES = ("auto", "ref", "cuda", "triton", "triton_prefetch")
+SCAN_CHOICES = ("auto", "ref", "cuda", "triton")
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
@@ -85,12 +84,12 @@ def resolve_scan(name, device):
         if device.type != "cuda":
             return "ref"
         return "triton" if triton_scan_available() else "cuda" if mamba_ssm_available() else "ref"
-    if name in ("cuda", "triton", "triton_prefetch") and device.type != "cuda":
+    if name in ("cuda", "triton") and device.type != "cuda":
         raise ValueError(f"--scan {name} needs a CUDA device, but the run is on {device.type}")
     if name == "cuda" and not mamba_ssm_available():
         raise ValueError("--scan cuda needs mamba-ssm, which is not installed (pip install mamba-ssm "
                          "causal-conv1d --no-build-isolation), or use --scan ref")
-    if name in ("triton", "triton_prefetch") and not triton_scan_available():
+    if name == "triton" and not triton_scan_available():
         raise ValueError(f"--scan {name} needs the triton package, which is not installed")
     return name
 
@@ -104,7 +103,4 @@ def get_scan_fn(backend):
     if backend == "triton":
         from models.scan_triton import selective_scan_triton
         return selective_scan_triton
-    if backend == "triton_prefetch":
-        from models.scan_triton_prefetch import selective_scan_triton_prefetch
-        return selective_scan_triton_prefetch
     raise ValueError(f"unknown scan backend {backend!r}")

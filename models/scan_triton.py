@@ -14,18 +14,25 @@ Inputs may be fp32, fp16 or bf16 with any strides; arithmetic is fp32. N is at m
 
 Work split. A program is one warp: one batch element, 32 channels (one per lane), every state. Each state is its own
 channel vector (a tuple of N registers per lane), so sums over the states (y, and the backward's sums for du and
-ddelta) are adds inside a lane, every per-channel quantity (softplus, gates) is computed once per lane, and nothing
-moves between lanes except the backward's sums over channels (dB, dC). B_t and C_t are the same for every lane: read
-as scalars, two bf16 per 32-bit load when they are stored so (``_raw_bc``). Nothing of size B*D*L*N goes to memory in
-the forward. No load is masked (``_clamped``: a masked load costs a zeroing move per register), and the softplus and
-sigmoids use the special-function unit's one-instruction approximations (``FAST_MATH``).
+ddelta) are adds inside a lane and every per-channel quantity (softplus, gates) is computed once per lane. Nothing of
+size B*D*L*N goes to memory in the forward. No load is masked (``_clamped``: a masked load costs a zeroing move per
+register), and the softplus and sigmoids use the special-function unit's one-instruction approximations
+(``FAST_MATH``).
+
+Loads ahead of use. The scan is bound by the latency of its loads, not by its arithmetic (docs/SPEED.md), so every
+load goes out a group of steps before the steps that use it:
+  * B_t and C_t are the same for every lane. They are loaded spread over the lanes (``_spread``): lane l holds 32-bit
+    word l mod W of step l div W (W words a step: 8 for 16 bf16 states packed in pairs), so one register per lane
+    holds 32 / W steps, and a step's words reach every lane by warp shuffles (``_word``). Loaded as scalars, each
+    lane would hold W registers a step, and the backward has no registers to spare for that.
+  * The forward loads GROUP steps at once, one group ahead.
+  * The backward's two passes load the next chunk while they compute the current one.
 
 Backward, with nothing saved by the forward but its inputs, in two passes over the sequence per program:
   pass 1  runs the recurrence forward and stores the state at the end of every chunk of CHUNK steps (an fp32
           scratch of B*D*N*L/CHUNK values, freed when the backward returns);
-  pass 2  walks the chunks from last to first. It issues every load of the chunk first (a load cannot move above the
-          chunk's stores, which might alias it, so loads issued step by step would each wait for memory), recomputes
-          the chunk's states from the stored one into registers, then steps back through them with the adjoint state
+  pass 2  walks the chunks from last to first. It recomputes the chunk's states from the stored one into registers,
+          then steps back through them with the adjoint state
               g_t = dL/dh_t = C_t*dy_t + a_{t+1}*g_{t+1},      a_t = exp(delta_t*A),  dy = dout*silu(z)
           accumulating
               ddelta_t = sum_n g_t*(A*a_t*h_{t-1} + u_t*B_t)    du_t = D*dy_t + delta_t * sum_n g_t*B_t
@@ -35,8 +42,7 @@ Backward, with nothing saved by the forward but its inputs, in two passes over t
           shuffles for N sums, against 5 per sum for a tree each) and added atomically (fp32) into (B, L, N) buffers
           that all channel blocks share; dA, dD and d(delta_bias) are per-batch partials that torch sums afterwards.
 The chunk's states and the kept per-step values live in registers: CHUNK trades scratch traffic (1/CHUNK of all the
-states, written and read once) against registers, and so resident warps. PREFETCH issues pass 1's loads of the next
-chunk before the current chunk's state is stored.
+states, written and read once) against registers, and so resident warps.
 """
 import contextlib
 import os
@@ -51,8 +57,12 @@ from triton.language.extra import libdevice
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 LANES = 32
-CHUNK = 3       # backward: steps whose states stay in registers together (3 beat 2 at every measured shape)
-PREFETCH = True  # pass 1 issues the next chunk's loads before storing this chunk's state
+# backward: steps whose states stay in registers together. 3 beat 2 at every measured shape with the kernel before
+# the loads ahead; here 3 compiles to 255 registers without spills (tools/scan_regs.py).
+CHUNK = 3
+# forward: steps loaded together, one group ahead. 4 was fastest at batch 512 (65 and 257 tokens) and within 3% of
+# 8 at 257 tokens, batch 128 (docs/results/scan_ab_prefetch_h100.log).
+GROUP = 4
 # The softplus and the sigmoids take one special-function instruction per exp, log and division (approximate, a few
 # ulp). Triton's own tl.log, tl.sigmoid and "/" are exact library sequences, about 30 instructions for a log: 10-20%
 # of the scan's instructions per step. Triton's interpreter cannot run the approximations and uses the exact forms.
@@ -104,54 +114,6 @@ def _vec(ptr, offs, mask):
 
 
 @triton.jit
-def _raw_bc(ptr, stride, N: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr):
-    """One time step's B (or C) as stored: BLOCK_N/2 32-bit words of bf16 pairs when PACKED (stride 1, 4-byte
-    aligned: half the loads, and a bf16 becomes an fp32 by one shift or mask), else BLOCK_N scalars. 0 past N."""
-    out = ()
-    if PACKED:
-        words = ptr.to(tl.pointer_type(tl.int32))
-        for j in tl.static_range(BLOCK_N // 2):
-            if 2 * j < N:
-                out = out + (tl.load(words + j),)
-            else:
-                out = out + (tl.full((), 0, tl.int32),)
-    else:
-        for n in tl.static_range(BLOCK_N):
-            if n < N:
-                out = out + (tl.load(ptr + n * stride),)
-            else:
-                out = out + (tl.full((), 0.0, tl.float32),)
-    return out
-
-
-@triton.jit
-def _unpack(raw, BLOCK_N: tl.constexpr, PACKED: tl.constexpr):
-    """_raw_bc's values as BLOCK_N fp32 scalars."""
-    out = ()
-    if PACKED:
-        for j in tl.static_range(BLOCK_N // 2):
-            out = out + ((raw[j] << 16).to(tl.float32, bitcast=True), (raw[j] & -65536).to(tl.float32, bitcast=True))
-    else:
-        for n in tl.static_range(BLOCK_N):
-            out = out + (raw[n].to(tl.float32),)
-    return out
-
-
-@triton.jit
-def _rows(ptr, stride, offs, mask, BLOCK_N: tl.constexpr):
-    out = ()
-    for n in tl.static_range(BLOCK_N):
-        out = out + (tl.load(ptr + n * stride + offs, mask=mask, other=0.0),)
-    return out
-
-
-@triton.jit
-def _store_rows(ptr, stride, offs, rows, BLOCK_N: tl.constexpr):
-    for n in tl.static_range(BLOCK_N):
-        tl.store(ptr + n * stride + offs, rows[n])
-
-
-@triton.jit
 def _delta(raw, bias, mask, SOFTPLUS: tl.constexpr):
     """-> (delta, raw delta + bias) in fp32; delta is 0 where masked, so a padded step leaves the state alone."""
     x = raw.to(tl.float32) + bias
@@ -179,19 +141,71 @@ def _setup(A_ptr, D_ptr, bias_ptr, s_Ad, s_An, offs_d, mask_d, N: tl.constexpr, 
 
 
 @triton.jit
-def _step_loads(u_ptr, dt_ptr, B_ptr, p, offs_c, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn,
-                N: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr):
-    """What the recurrence reads at position p, as stored: (u, delta, B)."""
-    return (tl.load(u_ptr + p * s_ul + offs_c * s_ud), tl.load(dt_ptr + p * s_tl + offs_c * s_td),
-            _raw_bc(B_ptr + p * s_Bl, s_Bn, N, BLOCK_N, PACKED))
-
-
-@triton.jit
 def _clamped(t, L, REVERSE: tl.constexpr):
     """Position of step t, or of the last step for t past the sequence: loads are never masked (a masked load
     costs a zeroing move per register); a step past the end reads real data and is made inert by its delta and
     output gradient, set to 0."""
     return _position(tl.minimum(t, L - 1), L, REVERSE)
+
+
+@triton.jit
+def _spread(ptr, s_l, s_n, t0, L, lane, K: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr,
+            PACKED: tl.constexpr, REVERSE: tl.constexpr):
+    """B (or C) of steps t0 .. t0+K-1, spread over the lanes: a tuple of R = ceil(K*W/32) registers; lane l of
+    register r holds word (32r + l) mod W of step t0 + (32r + l) div W, W = BLOCK_N/2 bf16 pairs a step when PACKED,
+    else BLOCK_N values (fp32). Steps past the sequence read the last one; words past N are 0."""
+    W: tl.constexpr = BLOCK_N // 2 if PACKED else BLOCK_N
+    R: tl.constexpr = (K * W + 31) // 32
+    out = ()
+    for r in tl.static_range(R):
+        i = r * 32 + lane
+        j = i % W
+        p = _clamped(t0 + tl.minimum(i // W, K - 1), L, REVERSE)
+        if PACKED:
+            words = (ptr + p * s_l).to(tl.pointer_type(tl.int32))
+            out = out + (tl.load(words + j, mask=2 * j < N, other=0),)
+        else:
+            out = out + (tl.load(ptr + p * s_l + j * s_n, mask=j < N, other=0.0).to(tl.float32),)
+    return out
+
+
+@triton.jit
+def _word(regs, i, BLOCK_D: tl.constexpr):
+    """Word i of a _spread tuple, in every lane (one warp shuffle)."""
+    return tl.gather(regs[i // 32], tl.full((BLOCK_D,), i % 32, tl.int32), 0)
+
+
+@triton.jit
+def _step_bc(regs, k, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr):
+    """Step k's BLOCK_N values of a _spread tuple as fp32 channel vectors."""
+    out = ()
+    if PACKED:
+        for j in tl.static_range(BLOCK_N // 2):
+            w = _word(regs, k * (BLOCK_N // 2) + j, BLOCK_D)
+            out = out + ((w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True))
+    else:
+        for n in tl.static_range(BLOCK_N):
+            out = out + (_word(regs, k * BLOCK_N + n, BLOCK_D),)
+    return out
+
+
+@triton.jit
+def _lane_loads(u_ptr, dt_ptr, z_ptr, g_ptr, t0, L, s_ul, s_tl, s_zl, s_gl,
+                K: tl.constexpr, HAS_Z: tl.constexpr, HAS_G: tl.constexpr, REVERSE: tl.constexpr):
+    """Per step of t0 .. t0+K-1 (clamped to the sequence): (u, delta, z, output gradient) as stored, from per-lane
+    pointers; z and the gradient are u's value where absent (never used then)."""
+    out = ()
+    for k in tl.static_range(K):
+        p = _clamped(t0 + k, L, REVERSE)
+        u = tl.load(u_ptr + p * s_ul)
+        z = u
+        if HAS_Z:
+            z = tl.load(z_ptr + p * s_zl)
+        g = u
+        if HAS_G:
+            g = tl.load(g_ptr + p * s_gl)
+        out = out + ((u, tl.load(dt_ptr + p * s_tl), z, g),)
+    return out
 
 
 @triton.jit
@@ -201,42 +215,56 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_
                 s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
                 N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                PACKED: tl.constexpr):
+                PACKED: tl.constexpr, GROUP: tl.constexpr):
     pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    lane = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(0) * BLOCK_D + lane
     mask_d = offs_d < Dim
-    offs_c = tl.minimum(offs_d, Dim - 1)  # channels past Dim read the last one's data, with delta 0: no masked loads
+    offs_c = tl.minimum(offs_d, Dim - 1)  # channels past Dim read the last one's data, with delta 0
     A2, bias, Dv = _setup(A_ptr, D_ptr, bias_ptr, s_Ad, s_An, offs_d, mask_d, N, BLOCK_N, HAS_D, HAS_BIAS)
-    u_ptr += pid_b * s_ub
-    dt_ptr += pid_b * s_tb
+    u_ptr += pid_b * s_ub + offs_c * s_ud  # per-lane pointers: the loads below add only the step's offset
+    dt_ptr += pid_b * s_tb + offs_c * s_td
+    z_ptr += pid_b * s_zb + offs_c * s_zd
     B_ptr += pid_b * s_Bb
     C_ptr += pid_b * s_Cb
-    z_ptr += pid_b * s_zb
     out_ptr += pid_b * s_ob
     h = ()
     for n in tl.static_range(BLOCK_N):
         h = h + (tl.zeros((BLOCK_D,), tl.float32),)
-    for t in range(0, L):
-        p = _position(t, L, REVERSE)
-        u, dt_raw, B_raw = _step_loads(u_ptr, dt_ptr, B_ptr, p, offs_c, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn,
-                                       N, BLOCK_N, PACKED)
-        C_raw = _raw_bc(C_ptr + p * s_Cl, s_Cn, N, BLOCK_N, PACKED)
-        u = u.to(tl.float32)
-        dt, _ = _delta(dt_raw, bias, mask_d, SOFTPLUS)
-        Bt = _unpack(B_raw, BLOCK_N, PACKED)
-        Ct = _unpack(C_raw, BLOCK_N, PACKED)
-        dtu = dt * u
-        y = Dv * u
-        nh = ()
-        for n in tl.static_range(BLOCK_N):
-            hn = tl.exp2(dt * A2[n]) * h[n] + Bt[n] * dtu
-            y += hn * Ct[n]
-            nh = nh + (hn,)
-        h = nh
-        if HAS_Z:
-            zf = tl.load(z_ptr + p * s_zl + offs_c * s_zd).to(tl.float32)
-            y = y * zf * _sigmoid(zf)
-        tl.store(out_ptr + p * s_ol + offs_d * s_od, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+    nxt = (_lane_loads(u_ptr, dt_ptr, z_ptr, u_ptr, 0, L, s_ul, s_tl, s_zl, 0, GROUP, HAS_Z, False, REVERSE),
+           _spread(B_ptr, s_Bl, s_Bn, 0, L, lane, GROUP, N, BLOCK_N, PACKED, REVERSE),
+           _spread(C_ptr, s_Cl, s_Cn, 0, L, lane, GROUP, N, BLOCK_N, PACKED, REVERSE))
+    for g in range(0, tl.cdiv(L, GROUP)):
+        cur = nxt
+        t0 = (g + 1) * GROUP  # the next group's loads go out before this group computes
+        nxt = (_lane_loads(u_ptr, dt_ptr, z_ptr, u_ptr, t0, L, s_ul, s_tl, s_zl, 0, GROUP, HAS_Z, False,
+                           REVERSE),
+               _spread(B_ptr, s_Bl, s_Bn, t0, L, lane, GROUP, N, BLOCK_N, PACKED, REVERSE),
+               _spread(C_ptr, s_Cl, s_Cn, t0, L, lane, GROUP, N, BLOCK_N, PACKED, REVERSE))
+        steps = cur[0]
+        for k in tl.static_range(GROUP):
+            t = g * GROUP + k
+            live = t < L
+            p = _clamped(t, L, REVERSE)
+            u_r = steps[k][0]
+            dt_r = steps[k][1]
+            z_r = steps[k][2]
+            u = u_r.to(tl.float32)
+            dt, _ = _delta(dt_r, bias, mask_d & live, SOFTPLUS)  # 0 past the sequence: the state stays
+            Bt = _step_bc(cur[1], k, BLOCK_D, BLOCK_N, PACKED)
+            Ct = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
+            dtu = dt * u
+            y = Dv * u
+            nh = ()
+            for n in tl.static_range(BLOCK_N):
+                hn = tl.exp2(dt * A2[n]) * h[n] + Bt[n] * dtu
+                y += hn * Ct[n]
+                nh = nh + (hn,)
+            h = nh
+            if HAS_Z:
+                zf = z_r.to(tl.float32)
+                y = y * zf * _sigmoid(zf)
+            tl.store(out_ptr + p * s_ol + offs_d * s_od, y.to(out_ptr.dtype.element_ty), mask=mask_d & live)
 
 
 @triton.jit
@@ -314,65 +342,56 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 s_dub, s_dud, s_dul, s_dtb, s_dtd, s_dtl, s_dzb, s_dzd, s_dzl,
                 N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                LOG2N: tl.constexpr, CHUNK: tl.constexpr, PACKED: tl.constexpr, PREFETCH: tl.constexpr):
+                LOG2N: tl.constexpr, CHUNK: tl.constexpr, PACKED: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     lane = tl.arange(0, BLOCK_D)
     offs_d = pid_d * BLOCK_D + lane
     mask_d = offs_d < Dim
-    offs_c = tl.minimum(offs_d, Dim - 1)  # channels past Dim read the last one's data, with delta 0: no masked loads
+    offs_c = tl.minimum(offs_d, Dim - 1)  # channels past Dim read the last one's data, with delta 0
     A2, bias, Dv = _setup(A_ptr, D_ptr, bias_ptr, s_Ad, s_An, offs_d, mask_d, N, BLOCK_N, HAS_D, HAS_BIAS)
-    u_ptr += pid_b * s_ub
-    dt_ptr += pid_b * s_tb
+    u_ptr += pid_b * s_ub + offs_c * s_ud  # per-lane pointers: the loads below add only the step's offset
+    dt_ptr += pid_b * s_tb + offs_c * s_td
+    z_ptr += pid_b * s_zb + offs_c * s_zd
+    dout_ptr += pid_b * s_ob + offs_c * s_od
     B_ptr += pid_b * s_Bb
     C_ptr += pid_b * s_Cb
-    z_ptr += pid_b * s_zb
-    dout_ptr += pid_b * s_ob
     du_ptr += pid_b * s_dub
     ddt_ptr += pid_b * s_dtb
     dz_ptr += pid_b * s_dzb
     dB_ptr += pid_b * L * N
     dC_ptr += pid_b * L * N
     n_chunks = tl.cdiv(L, CHUNK)
-    # this program's scratch: the state at the end of every chunk but the last, BLOCK_N rows of BLOCK_D fp32 each
     SLOT: tl.constexpr = BLOCK_N * BLOCK_D
     ck_ptr += (pid_b * tl.num_programs(0) + pid_d) * (n_chunks - 1) * SLOT
 
-    # Pass 1: the state at the end of every chunk but the last. A chunk's loads are all issued before its first step
-    # is computed, and with PREFETCH the next chunk's before this one's state is stored.
+    # Pass 1: the state at the end of every chunk but the last; the next chunk's loads go out before this one's
+    # state is computed and stored.
     h = ()
     for n in tl.static_range(BLOCK_N):
         h = h + (tl.zeros((BLOCK_D,), tl.float32),)
-    cur = ()
-    for k in tl.static_range(CHUNK):
-        cur = cur + (_step_loads(u_ptr, dt_ptr, B_ptr, _clamped(k, L, REVERSE), offs_c, s_ul, s_ud, s_tl, s_td,
-                                 s_Bl, s_Bn, N, BLOCK_N, PACKED),)
+    nxt = (_lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, 0, L, s_ul, s_tl, 0, 0, CHUNK, False, False,
+                       REVERSE),
+           _spread(B_ptr, s_Bl, s_Bn, 0, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
     for c in range(0, n_chunks - 1):
-        if PREFETCH:
-            nxt = ()
-            for k in tl.static_range(CHUNK):
-                nxt = nxt + (_step_loads(u_ptr, dt_ptr, B_ptr, _clamped((c + 1) * CHUNK + k, L, REVERSE), offs_c,
-                                         s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn, N, BLOCK_N, PACKED),)
-        else:
-            cur = ()
-            for k in tl.static_range(CHUNK):
-                cur = cur + (_step_loads(u_ptr, dt_ptr, B_ptr, _clamped(c * CHUNK + k, L, REVERSE), offs_c,
-                                         s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn, N, BLOCK_N, PACKED),)
+        cur = nxt
+        t0 = (c + 1) * CHUNK
+        nxt = (_lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, t0, L, s_ul, s_tl, 0, 0, CHUNK, False, False,
+                           REVERSE),
+               _spread(B_ptr, s_Bl, s_Bn, t0, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
+        steps = cur[0]
         for k in tl.static_range(CHUNK):
-            u_r, dt_r, B_r = cur[k]
-            dt, _ = _delta(dt_r, bias, mask_d, SOFTPLUS)
-            Bt = _unpack(B_r, BLOCK_N, PACKED)
-            dtu = dt * u_r.to(tl.float32)
+            dt, _ = _delta(steps[k][1], bias, mask_d, SOFTPLUS)  # every step of these chunks is in the sequence
+            Bt = _step_bc(cur[1], k, BLOCK_D, BLOCK_N, PACKED)
+            dtu = dt * steps[k][0].to(tl.float32)
             nh = ()
             for n in tl.static_range(BLOCK_N):
                 nh = nh + (tl.exp2(dt * A2[n]) * h[n] + Bt[n] * dtu,)
             h = nh
-        _store_rows(ck_ptr + c * SLOT, BLOCK_D, lane, h, BLOCK_N)
-        if PREFETCH:
-            cur = nxt
+        for n in tl.static_range(BLOCK_N):
+            tl.store(ck_ptr + c * SLOT + n * BLOCK_D + lane, h[n])
 
-    # Pass 2: chunks from last to first. Each loads everything it reads first, then recomputes its states into
-    # registers and steps back through them.
+    # Pass 2: chunks from last to first; the next one's stored state and loads go out before this one computes.
     zero = tl.zeros((BLOCK_D,), tl.float32)
     q = ()       # a_{t+1} * g_{t+1}
     dA_acc = ()
@@ -381,47 +400,56 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
         dA_acc = dA_acc + (zero,)
     dD_acc = zero
     dbias_acc = zero
+    state = (lane >> (5 - LOG2N)) & ((1 << LOG2N) - 1)
+    lead = ((lane & ((1 << (5 - LOG2N)) - 1)) == 0) & (state < N)
+    c = n_chunks - 1
+    h0 = ()
+    for n in tl.static_range(BLOCK_N):
+        h0 = h0 + (tl.load(ck_ptr + tl.maximum(c - 1, 0) * SLOT + n * BLOCK_D + lane, mask=c > 0, other=0.0),)
+    nxt = (h0,
+           _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, c * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK, HAS_Z,
+                       True, REVERSE),
+           _spread(B_ptr, s_Bl, s_Bn, c * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE),
+           _spread(C_ptr, s_Cl, s_Cn, c * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
-        h = _rows(ck_ptr + tl.maximum(c - 1, 0) * SLOT, BLOCK_D, lane, c > 0, BLOCK_N)
-        ld = ()
-        for k in tl.static_range(CHUNK):
-            p = _clamped(c * CHUNK + k, L, REVERSE)
-            z_r = 0.0
-            if HAS_Z:
-                z_r = tl.load(z_ptr + p * s_zl + offs_c * s_zd)
-            ld = ld + ((_step_loads(u_ptr, dt_ptr, B_ptr, p, offs_c, s_ul, s_ud, s_tl, s_td, s_Bl, s_Bn,
-                                    N, BLOCK_N, PACKED),
-                        _raw_bc(C_ptr + p * s_Cl, s_Cn, N, BLOCK_N, PACKED),
-                        tl.load(dout_ptr + p * s_ol + offs_c * s_od), z_r),)
+        cur = nxt
+        cn = tl.maximum(c - 1, 0)  # (at the first chunk this reloads it: harmless, unused)
+        h0 = ()
+        for n in tl.static_range(BLOCK_N):
+            h0 = h0 + (tl.load(ck_ptr + tl.maximum(cn - 1, 0) * SLOT + n * BLOCK_D + lane, mask=cn > 0, other=0.0),)
+        nxt = (h0,
+               _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, cn * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK,
+                           HAS_Z, True, REVERSE),
+               _spread(B_ptr, s_Bl, s_Bn, cn * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE),
+               _spread(C_ptr, s_Cl, s_Cn, cn * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
+        ld = cur[1]
+        h = cur[0]
         hs = (h,)  # hs[k] = h_{t-1} of the chunk's k-th step t, hs[k + 1] = h_t
-        steps = ()  # each step's u, delta and delta + bias (fp32), kept for the way back
+        kept = ()  # each step's u, delta and delta + bias (fp32), kept for the way back
         for k in tl.static_range(CHUNK):
             m_d = mask_d & (c * CHUNK + k < L)
-            u_r, dt_r, B_r = ld[k][0]  # (no nested tuple targets: see test_kernels_unpack_no_nested_tuples)
-            u = u_r.to(tl.float32)
-            dt, x = _delta(dt_r, bias, m_d, SOFTPLUS)
-            Bt = _unpack(B_r, BLOCK_N, PACKED)
+            u = ld[k][0].to(tl.float32)
+            dt, x = _delta(ld[k][1], bias, m_d, SOFTPLUS)
+            Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
             dtu = dt * u
             nh = ()
             for n in tl.static_range(BLOCK_N):
                 nh = nh + (tl.exp2(dt * A2[n]) * h[n] + Bt[n] * dtu,)
             h = nh
             hs = hs + (h,)
-            steps = steps + ((u, dt, x),)
+            kept = kept + ((u, dt, x),)
         for k in tl.static_range(CHUNK - 1, -1, -1):
             t = c * CHUNK + k
             p = _clamped(t, L, REVERSE)
             live = t < L
             m_d = mask_d & live
-            u, dt, x = steps[k]
-            step_ld, C_r, dy_r, z_r = ld[k]
-            B_r = step_ld[2]
-            Bt = _unpack(B_r, BLOCK_N, PACKED)
-            Ct = _unpack(C_r, BLOCK_N, PACKED)
-            dy = tl.where(m_d, dy_r.to(tl.float32), 0.0)  # 0 past the sequence: such a step passes g through
+            u, dt, x = kept[k]
+            Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
+            Ct = _step_bc(cur[3], k, BLOCK_D, BLOCK_N, PACKED)
+            dy = tl.where(m_d, ld[k][3].to(tl.float32), 0.0)  # 0 past the sequence: such a step passes g through
             if HAS_Z:
-                dz, dy = _gate_back(dy, z_r, u, Ct, hs[k + 1], Dv, BLOCK_N)
+                dz, dy = _gate_back(dy, ld[k][2], u, Ct, hs[k + 1], Dv, BLOCK_N)
                 tl.store(dz_ptr + p * s_dzl + offs_d * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
             du, ddt, q, dA_acc, dBp, dCp = _adjoint_step(u, dt, x, dy, Bt, Ct, hs[k], hs[k + 1], q, dA_acc, A2, Dv,
                                                          zero, m_d, BLOCK_N, SOFTPLUS)
@@ -431,8 +459,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
             tl.store(du_ptr + p * s_dul + offs_d * s_dud, du.to(du_ptr.dtype.element_ty), mask=m_d)
             tl.store(ddt_ptr + p * s_dtl + offs_d * s_dtd, ddt.to(ddt_ptr.dtype.element_ty), mask=m_d)
             # dB_t and dC_t: sums over the channels, scattered over the lanes, added to what other blocks add
-            state = (lane >> (5 - LOG2N)) & ((1 << LOG2N) - 1)
-            m_s = ((lane & ((1 << (5 - LOG2N)) - 1)) == 0) & (state < N) & live
+            m_s = lead & live
             tl.atomic_add(dB_ptr + p * N + state, _sum_over_lanes(dBp, lane, LOG2N), mask=m_s, sem="relaxed")
             tl.atomic_add(dC_ptr + p * N + state, _sum_over_lanes(dCp, lane, LOG2N), mask=m_s, sem="relaxed")
 
@@ -478,7 +505,7 @@ def _forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
     args = (u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
             delta_bias if delta_bias is not None else u, out, Dim, L, *u.stride(), *delta.stride(), *A.stride(),
             *B.stride(), *C.stride(), *z_strides, *out.stride())
-    return grid, args, dict(meta, num_warps=1), out
+    return grid, args, dict(meta, GROUP=GROUP, num_warps=1), out
 
 
 def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk=None):
@@ -504,7 +531,7 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
             du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, dbias, ck,
             Dim, L, *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_strides,
             *dout.stride(), *du.stride(), *ddelta.stride(), *(dz.stride() if dz is not None else (0, 0, 0)))
-    meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, PREFETCH=PREFETCH, num_warps=1)
+    meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, num_warps=1)
     return grid, args, meta, (du, ddelta, dz, dB, dC, dA, dD, dbias)
 
 

@@ -105,7 +105,7 @@ def test_scan_regs_compiles_for_a_gpu_without_one(tmp_path, capsys):
     # the loops over the sequence: the forward's one, the backward's two passes; per step = sum / steps per iteration
     assert [len(r["loop_instructions"]) for r in rows] == [1, 2, 2]
     for r in rows:
-        steps = 1 if r["kernel"] == "fwd" else r["chunk"]
+        steps = st.GROUP if r["kernel"] == "fwd" else r["chunk"]
         assert all(n > 50 for n in r["loop_instructions"])
         assert r["instructions_per_step"] == round(sum(r["loop_instructions"]) / steps, 1)
     out_text = capsys.readouterr().out

@@ -50,7 +50,7 @@ def test_scan_matches_reference(backend, dtype, length):
 
 @pytest.mark.parametrize("backend,compiled", [
     pytest.param("cuda", False, marks=pytest.mark.skipif(not HAS_MAMBA, reason="mamba-ssm not installed")),
-    ("triton", False), ("triton", True), ("triton_prefetch", False), ("triton_prefetch", True)])
+    ("triton", False), ("triton", True)])
 @pytest.mark.parametrize("amp", [False, True])
 def test_model_fast_path_matches_reference(backend, compiled, amp):
     """Same weights, same batch: loss and every gradient of the kernel path (eager, or under torch.compile)

@@ -115,19 +115,16 @@ def test_resolve_scan_on_cpu():
     assert resolve_scan("auto", torch.device("cpu")) == "ref"
     assert resolve_scan("ref", "cpu") == "ref"
     assert get_scan_fn("ref") is selective_scan_ref
-    assert set(SCAN_CHOICES) == {"auto", "ref", "cuda", "triton", "triton_prefetch"}
+    assert set(SCAN_CHOICES) == {"auto", "ref", "cuda", "triton"}
 
 
-def test_each_triton_kernel_has_its_own_function():
+def test_triton_is_the_kernel_file_function():
     pytest.importorskip("triton")
     from models.scan_triton import selective_scan_triton
-    from models.scan_triton_prefetch import selective_scan_triton_prefetch
     assert get_scan_fn("triton") is selective_scan_triton
-    assert get_scan_fn("triton_prefetch") is selective_scan_triton_prefetch
-    assert selective_scan_triton is not selective_scan_triton_prefetch
 
 
-@pytest.mark.parametrize("name", ["cuda", "triton", "triton_prefetch"])
+@pytest.mark.parametrize("name", ["cuda", "triton"])
 def test_resolve_scan_gpu_backend_on_cpu_is_a_clear_error(name):
     with pytest.raises(ValueError) as e:
         resolve_scan(name, "cpu")

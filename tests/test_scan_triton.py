@@ -1,5 +1,4 @@
-"""Tests of the Triton selective scans (models/scan_triton.py, and the candidate models/scan_triton_prefetch.py) against
-the PyTorch reference (models/scan.py).
+"""Tests of the Triton selective scan (models/scan_triton.py) against the PyTorch reference (models/scan.py).
 
 CPU: the kernels run under Triton's interpreter. Triton reads TRITON_INTERPRET when a kernel is decorated, that is
 when models.scan_triton is first imported, so setting it in this process would be too late if another test module
@@ -48,21 +47,15 @@ CASES = [
     _case(2, 24, 16, 17, seed=6, reverse=True),
     _case(1, 8, 4, 6, has_D=False, bias=False, layout="bdl", seed=7, reverse=True),
 ]
-# The backward's chunk lengths and pass 1's prefetching, each on cases with a partial last chunk, a reverse scan and a
-# missing z (the configured CHUNK runs every case above); bf16 inputs take the packed loads of B and C.
+# The backward's chunk lengths and the forward's group of steps loaded together (one B/C register holds 4 steps at
+# 16 bf16 states, so 5 steps take two), other than the configured ones that run every case above: on cases with a
+# partial last chunk or group, a reverse scan and a missing z, and at L = 1 and L = 12 (one chunk or group, and one
+# longer than the sequence). bf16 inputs take the packed loads of B and C.
 VARIANTS = {"chunk1": dict(CHUNK=1), "chunk2": dict(CHUNK=2), "chunk5": dict(CHUNK=5),
-            "no_prefetch": dict(PREFETCH=False), "chunk2_no_prefetch": dict(CHUNK=2, PREFETCH=False)}
+            "group1": dict(GROUP=1), "group5": dict(GROUP=5)}
 VARIANT_CASES = [CASES[2], CASES[4], CASES[8]]
 BF16_CASES = [CASES[2], CASES[8], _case(2, 40, 16, 9, seed=11)]  # (B, L, N) B and C, even N: the packed loads
-EXTRA_CASES = {"chunk5": [CASES[0], CASES[7]]}  # L = 1 and L = 12: one chunk, and a chunk longer than the sequence
-# The candidate kernel: its backward chunk and its forward's group of steps loaded together (one B/C register holds
-# 4 steps at 16 bf16 states, so 5 steps take two), each past and within the sequence's end.
-PREFETCH_VARIANTS = {"chunk1": dict(CHUNK=1), "chunk2": dict(CHUNK=2), "chunk5": dict(CHUNK=5),
-                     "group1": dict(GROUP=1), "group5": dict(GROUP=5)}
-
-
-def variant_cases(variant):
-    return VARIANT_CASES + EXTRA_CASES.get(variant, [])
+SHORT_CASES = [CASES[0], CASES[7]]  # L = 1 and L = 12
 
 
 def make_inputs(case, device, dtype=torch.float32):
@@ -117,18 +110,15 @@ def compare(got, want):
     return errors
 
 
-def check_case(case, device, dtype, tol, variant=None, kernel="triton"):
-    """kernel: --scan's name of a Triton kernel; variant: its module's settings (CHUNK, PREFETCH, GROUP) to use
-    instead of the configured ones."""
-    from models.scan import get_scan_fn
-    from tools.scan_regs import kernel_module
-    st = kernel_module(kernel)
+def check_case(case, device, dtype, tol, variant=None):
+    """variant: models.scan_triton's settings (CHUNK, GROUP) to use instead of the configured ones."""
+    import models.scan_triton as st
     inputs = make_inputs(case, device, dtype)
     saved = {k: getattr(st, k) for k in (variant or {})}
     try:
         for k, v in (variant or {}).items():
             setattr(st, k, v)
-        got = run_scan(get_scan_fn(kernel), inputs, case["softplus"], case["reverse"])
+        got = run_scan(st.selective_scan_triton, inputs, case["softplus"], case["reverse"])
     finally:
         for k, v in saved.items():
             setattr(st, k, v)
@@ -140,7 +130,7 @@ def check_case(case, device, dtype, tol, variant=None, kernel="triton"):
     assert (got["out"].stride(1) == 1) == (inputs["u"].stride(1) == 1)
 
 
-def check_model(compiled, kernel="triton"):
+def check_model(compiled):
     """A small Vim: loss and every gradient with a Triton scan (optionally under torch.compile, where the scan is
     an opaque custom operator and the conv, SiLU and the rest are fused) equal the reference path's."""
     from models.vim import build_model
@@ -148,10 +138,10 @@ def check_model(compiled, kernel="triton"):
     model = build_model("mamba_tiny", 10, embed_dim=16, depth=2, patch_size=8, drop_path=0.0)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     results = []
-    for scan in ("ref", kernel):
+    for scan in ("ref", "triton"):
         model.set_kernels(scan, False)
         model.zero_grad()
-        run = torch.compile(model) if (compiled and scan == kernel) else model
+        run = torch.compile(model) if (compiled and scan == "triton") else model
         loss = torch.nn.functional.cross_entropy(run(x), y)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
@@ -175,12 +165,7 @@ def _child_main(out_path):
     for variant, settings in VARIANTS.items():
         checks += [(f"{variant}-{case['id']}",
                     lambda case=case, settings=settings: check_case(case, "cpu", torch.float32, 1e-4, settings))
-                   for case in variant_cases(variant)]
-    checks += [(f"prefetch-{case_id}", lambda case=case, dtype=dtype, tol=tol, settings=settings: check_case(
-        case, "cpu", dtype, tol, settings, kernel="triton_prefetch")) for case_id, case, dtype, tol, settings in
-        PREFETCH_CHECKS]
-    checks += [(f"prefetch-model_{m}", lambda m=m: check_model(m == "compiled", "triton_prefetch"))
-               for m in ("eager", "compiled")]
+                   for case in VARIANT_CASES + SHORT_CASES]
     for name, check in checks:
         try:
             check()
@@ -223,19 +208,7 @@ def test_interpreted_bf16_matches_reference(case, interpreted_results):
     assert failure is None, failure
 
 
-VARIANT_IDS = [f"{variant}-{case['id']}" for variant in VARIANTS for case in variant_cases(variant)]
-# (id, case, dtype, tolerance, settings) of the candidate kernel's interpreted checks
-PREFETCH_CHECKS = [(case["id"], case, torch.float32, 1e-4, None) for case in CASES] + \
-    [(f"bf16-{case['id']}", case, torch.bfloat16, 2e-2, None) for case in BF16_CASES] + \
-    [(f"{variant}-{case['id']}", case, torch.float32, 1e-4, settings) for variant, settings in PREFETCH_VARIANTS.items()
-     for case in VARIANT_CASES + EXTRA_CASES["chunk5"]]
-
-
-@pytest.mark.parametrize("check", [f"prefetch-{c[0]}" for c in PREFETCH_CHECKS] +
-                         ["prefetch-model_eager", "prefetch-model_compiled"])
-def test_interpreted_prefetch_kernel_matches_reference(check, interpreted_results):
-    failure = interpreted_results[check]
-    assert failure is None, failure
+VARIANT_IDS = [f"{variant}-{case['id']}" for variant in VARIANTS for case in VARIANT_CASES + SHORT_CASES]
 
 
 @pytest.mark.parametrize("check", VARIANT_IDS)
@@ -263,23 +236,21 @@ def test_kernels_unpack_no_nested_tuples():
     with "TypeError: unhashable type: 'list'" when the kernel assigns to a nested tuple such as ``(a, b), c = x``;
     Triton 3.8 accepts it. So no kernel may use one."""
     import ast
-    for name in ("scan_triton.py", "scan_triton_prefetch.py"):
-        tree = ast.parse(open(os.path.join(ROOT, "models", name)).read())
-        nested = [f"{name} line {node.lineno}" for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.For))
-                  for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
-                  if isinstance(target, ast.Tuple) and any(isinstance(e, (ast.Tuple, ast.List)) for e in target.elts)]
-        assert not nested, nested
+    tree = ast.parse(open(os.path.join(ROOT, "models", "scan_triton.py")).read())
+    nested = [f"line {node.lineno}" for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.For))
+              for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+              if isinstance(target, ast.Tuple) and any(isinstance(e, (ast.Tuple, ast.List)) for e in target.elts)]
+    assert not nested, nested
 
 
-@pytest.mark.parametrize("kernel", ["triton", "triton_prefetch"])
-def test_compiled_kernels_use_one_instruction_math_and_do_not_spill(kernel):
+def test_compiled_kernels_use_one_instruction_math_and_do_not_spill():
     """On a GPU the softplus and sigmoids take the special-function unit's single instructions (Triton's exact log
     and division are ~30-instruction sequences per step), and the backward keeps its chunk in registers: compiled for
     sm_90 here (the interpreter runs the exact forms, so only this sees the GPU's math)."""
     pytest.importorskip("triton")
     from tools import scan_regs
     for kind in ("fwd", "bwd"):
-        compiled = scan_regs.compile_kernel(kind, 90, kernel)
+        compiled = scan_regs.compile_kernel(kind, 90)
         ptx = compiled.asm["ptx"]
         assert "div.full" not in ptx and "div.rn" not in ptx and "div.approx" in ptx, kind
         assert ("lg2.approx" in ptx) and "ex2.approx.f32" not in ptx, kind  # every exp2 flushes denormals: one MUFU
@@ -339,30 +310,6 @@ def test_gpu_model_shapes_match_mamba_ssm(case, dtype):
                      run_scan(get_scan_fn("cuda"), inputs, case["softplus"], case["reverse"]))
     bad = {k: v for k, v in errors.items() if not v <= TOL[dtype]}
     assert not bad, f"relative errors above {TOL[dtype]}: {bad} (all: {errors})"
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-def test_gpu_prefetch_kernel_small_cases(case):
-    check_case(case, "cuda", torch.float32, tol=1e-4, kernel="triton_prefetch")
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", MODEL_CASES, ids=[c["id"] for c in MODEL_CASES])
-def test_gpu_prefetch_kernel_model_shapes(case, dtype):
-    check_case(case, "cuda", dtype, tol=TOL[dtype], kernel="triton_prefetch")
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("variant", PREFETCH_VARIANTS)
-@pytest.mark.parametrize("case", VARIANT_CASES + MODEL_CASES[2:], ids=[c["id"] for c in VARIANT_CASES + MODEL_CASES[2:]])  # noqa: E501
-def test_gpu_prefetch_kernel_variants(case, variant):
-    check_case(case, "cuda", torch.float32, tol=1e-4 if case["D"] < 768 else 1e-3,
-               variant=PREFETCH_VARIANTS[variant], kernel="triton_prefetch")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 """A/B of selective-scan kernel files in one run: each call's forward and backward time, and how far each file's
 outputs and gradients are from the first file's.
 
-A kernel file is models/scan_triton.py, models/scan_triton_prefetch.py or an older or edited copy of one (for example
-`git show REV:models/scan_triton.py > /tmp/old.py`); its launch functions (`_forward`, `_backward`) are timed directly, so copies never clash. FILE:NAME=N
-sets a module constant after loading (CHUNK, PREFETCH), to time a setting without editing the file.
+A kernel file is models/scan_triton.py or an older or edited copy of it (for example `git show REV:models/scan_triton.py
+> /tmp/old.py`); its launch functions (`_forward`, `_backward`) are timed directly, so copies never clash. FILE:NAME=N
+sets a module constant after loading (CHUNK, GROUP), to time a setting without editing the file.
 
     python tools/scan_ab.py /tmp/old.py models/scan_triton.py models/scan_triton.py:CHUNK=2 --json ab.json
 

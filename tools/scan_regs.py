@@ -10,7 +10,7 @@ warps an SM holds; spills slow it down. This shows both without a GPU, before a 
 
 Per kernel: registers per thread and stack bytes per thread (spilled registers live there), as ptxas allocates them,
 and the machine instructions in each loop over the sequence (from nvdisasm's SASS; per step: the loop's count divided
-by the steps one iteration takes, 1 in the forward and the chunk length in the backward's two passes): with the
+by the steps one iteration takes, GROUP in the forward and the chunk length in the backward's two passes): with the
 latency of the loads, what bounds the scan (docs/SPEED.md). All for the model's case (bf16 activations, fp32
 parameters, 16 states, D, z, delta_bias and softplus on, forward scan).
 Numbers belong to the installed Triton and ptxas: another Triton version may allocate differently.
@@ -32,20 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL_CASE = dict(batch=2, dim=768, length=65, state=16, dt_rank=24)
 
 
-KERNELS = {"triton": "models.scan_triton", "triton_prefetch": "models.scan_triton_prefetch"}
-
-
-def kernel_module(name="triton"):
-    """--scan's name of a Triton kernel -> its module."""
-    import importlib
-    return importlib.import_module(KERNELS[name])
-
-
-def model_case(kind, kernel="triton"):
+def model_case(kind):
     """-> (grid, arguments, constants) of the launch that models/scan_triton.py makes for the model's case (the same
     code builds them, so the compiled kernel is the one a GPU would run)."""
     import torch
-    st = kernel_module(kernel)
+    import models.scan_triton as st
     b, d, length, n, r = (MODEL_CASE[k] for k in ("batch", "dim", "length", "state", "dt_rank"))
     act = lambda: torch.empty(b, length, d, dtype=torch.bfloat16).transpose(1, 2)  # noqa: E731
     x_dbl = torch.empty(b, length, r + 2 * n, dtype=torch.bfloat16)
@@ -59,7 +50,7 @@ def model_case(kind, kernel="triton"):
     return grid, args, meta
 
 
-def compile_kernel(kind, arch, kernel="triton"):
+def compile_kernel(kind, arch):
     """-> the compiled kernel ("fwd" or "bwd", at models/scan_triton.py's CHUNK) for sm_<arch>, specialised as Triton's
     launcher specialises the real call: integer arguments equal to 1 (unit strides) become constants, and pointers
     and integers divisible by 16 are marked so (what lets loads be vectorised)."""
@@ -68,9 +59,9 @@ def compile_kernel(kind, arch, kernel="triton"):
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
-    st = kernel_module(kernel)
+    import models.scan_triton as st
     jit_fn = st._fwd_kernel if kind == "fwd" else st._bwd_kernel
-    _, args, meta = model_case(kind, kernel)
+    _, args, meta = model_case(kind)
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(jit_fn.arg_names):
         if name in meta:
@@ -134,7 +125,6 @@ def main(argv=None):
     p.add_argument("--arch", type=int, default=90, help="compute capability as a number: 90 (H100/H200), 80 (A100)")
     p.add_argument("--chunks", nargs="+", type=int, default=None, metavar="STEPS",
                    help="backward chunk lengths to compile (default: models/scan_triton.py's CHUNK)")
-    p.add_argument("--kernel", choices=sorted(KERNELS), default="triton", help="which Triton kernel (--scan's name)")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     try:
@@ -146,7 +136,7 @@ def main(argv=None):
     if args.chunks is not None and min(args.chunks) < 1:
         print(f"scan_regs.py: error: --chunks must be positive, got {args.chunks}", file=sys.stderr)
         return 2
-    st = kernel_module(args.kernel)
+    import models.scan_triton as st
     saved = st.CHUNK
     shapes = [("fwd", None)] + [("bwd", c) for c in (args.chunks or [saved])]
     rows = []
@@ -154,14 +144,14 @@ def main(argv=None):
         for kind, chunk in shapes:
             st.CHUNK = chunk or saved
             try:
-                compiled = compile_kernel(kind, args.arch, args.kernel)
+                compiled = compile_kernel(kind, args.arch)
                 regs, stack = resource_usage(compiled)
                 sizes = [n for n, _ in loops(compiled)]
             except Exception as e:  # one line, not a traceback: the Triton API moves between versions
                 print(f"scan_regs.py: error: compiling the {kind} kernel for sm_{args.arch} failed: "
                       f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", file=sys.stderr)
                 return 1
-            steps = getattr(st, "GROUP", 1) if kind == "fwd" else (chunk or saved)  # steps an iteration
+            steps = st.GROUP if kind == "fwd" else (chunk or saved)  # steps an iteration
             rows.append(dict(kernel=kind, chunk=chunk, arch=args.arch, regs=regs, stack_bytes=stack,
                              loop_instructions=sizes, instructions_per_step=round(sum(sizes) / steps, 1)))
             label = "forward" if kind == "fwd" else f"backward, chunk {chunk or saved}"
