@@ -30,7 +30,7 @@ load goes out a group of steps before the steps that use it:
 
 Backward, with nothing saved by the forward but its inputs, in two passes over the sequence per program:
   pass 1  runs the recurrence forward and stores the state at the end of every chunk of CHUNK steps (an fp32
-          scratch of B*D*N*L/CHUNK values, freed when the backward returns);
+          scratch of B*D*N*L/CHUNK values, or bf16 with BF16_STATES; freed when the backward returns);
   pass 2  walks the chunks from last to first. It recomputes the chunk's states from the stored one into registers,
           then steps back through them with the adjoint state
               g_t = dL/dh_t = C_t*dy_t + a_{t+1}*g_{t+1},      a_t = exp(delta_t*A),  dy = dout*silu(z)
@@ -63,6 +63,11 @@ CHUNK = 3
 # forward: steps loaded together, one group ahead. 4 was fastest at batch 512 (65 and 257 tokens) and within 3% of
 # 8 at 257 tokens, batch 128 (docs/results/scan_ab_prefetch_h100.log).
 GROUP = 4
+# A candidate, not yet timed on a GPU (so off): pass 1's states stored in bf16, two to a 32-bit word, when the
+# activations are bf16. The fp32 scratch is about 70% of the backward's memory traffic at 257 tokens (2.1 GB written
+# and read again per call at batch 512); this halves it, at a rounding of the chunks' starting states (relative 2^-9)
+# that the gradients then carry. fp32 and fp16 activations keep fp32 states.
+BF16_STATES = False
 # The softplus and the sigmoids take one special-function instruction per exp, log and division (approximate, a few
 # ulp). Triton's own tl.log, tl.sigmoid and "/" are exact library sequences, about 30 instructions for a log: 10-20%
 # of the scan's instructions per step. Triton's interpreter cannot run the approximations and uses the exact forms.
@@ -334,6 +339,34 @@ def _adjoint_step(u, dt, x, dy, Bt, Ct, hp, hc, q, dA_acc, A2, Dv, zero, m_d, BL
 
 
 @triton.jit
+def _store_state(ptr, lane, h, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr):
+    """A chunk's end state into the scratch: BLOCK_N rows of BLOCK_D fp32, or with HALF, BLOCK_N/2 rows of 32-bit
+    words, each two states rounded to bf16 (the even one in the low half, as B and C are packed)."""
+    if HALF:
+        for j in tl.static_range(BLOCK_N // 2):
+            lo = h[2 * j].to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+            hi = h[2 * j + 1].to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+            tl.store(ptr + j * BLOCK_D + lane, hi | lo)
+    else:
+        for n in tl.static_range(BLOCK_N):
+            tl.store(ptr + n * BLOCK_D + lane, h[n])
+
+
+@triton.jit
+def _load_state(ptr, lane, mask, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr):
+    """_store_state's state back as BLOCK_N fp32 channel vectors; zeros where mask is off (the first chunk)."""
+    h = ()
+    if HALF:
+        for j in tl.static_range(BLOCK_N // 2):
+            w = tl.load(ptr + j * BLOCK_D + lane, mask=mask, other=0)
+            h = h + ((w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True))
+    else:
+        for n in tl.static_range(BLOCK_N):
+            h = h + (tl.load(ptr + n * BLOCK_D + lane, mask=mask, other=0.0),)
+    return h
+
+
+@triton.jit
 def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
                 du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, ck_ptr,
                 Dim, L,
@@ -342,7 +375,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 s_dub, s_dud, s_dul, s_dtb, s_dtd, s_dtl, s_dzb, s_dzd, s_dzl,
                 N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                LOG2N: tl.constexpr, CHUNK: tl.constexpr, PACKED: tl.constexpr):
+                LOG2N: tl.constexpr, CHUNK: tl.constexpr, PACKED: tl.constexpr, HALF_STATES: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     lane = tl.arange(0, BLOCK_D)
@@ -362,7 +395,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
     dB_ptr += pid_b * L * N
     dC_ptr += pid_b * L * N
     n_chunks = tl.cdiv(L, CHUNK)
-    SLOT: tl.constexpr = BLOCK_N * BLOCK_D
+    SLOT: tl.constexpr = (BLOCK_N // 2 if HALF_STATES else BLOCK_N) * BLOCK_D  # scratch words a state takes
     ck_ptr += (pid_b * tl.num_programs(0) + pid_d) * (n_chunks - 1) * SLOT
 
     # Pass 1: the state at the end of every chunk but the last; the next chunk's loads go out before this one's
@@ -388,8 +421,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
             for n in tl.static_range(BLOCK_N):
                 nh = nh + (tl.exp2(dt * A2[n]) * h[n] + Bt[n] * dtu,)
             h = nh
-        for n in tl.static_range(BLOCK_N):
-            tl.store(ck_ptr + c * SLOT + n * BLOCK_D + lane, h[n])
+        _store_state(ck_ptr + c * SLOT, lane, h, BLOCK_D, BLOCK_N, HALF_STATES)
 
     # Pass 2: chunks from last to first; the next one's stored state and loads go out before this one computes.
     zero = tl.zeros((BLOCK_D,), tl.float32)
@@ -403,10 +435,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
     state = (lane >> (5 - LOG2N)) & ((1 << LOG2N) - 1)
     lead = ((lane & ((1 << (5 - LOG2N)) - 1)) == 0) & (state < N)
     c = n_chunks - 1
-    h0 = ()
-    for n in tl.static_range(BLOCK_N):
-        h0 = h0 + (tl.load(ck_ptr + tl.maximum(c - 1, 0) * SLOT + n * BLOCK_D + lane, mask=c > 0, other=0.0),)
-    nxt = (h0,
+    nxt = (_load_state(ck_ptr + tl.maximum(c - 1, 0) * SLOT, lane, c > 0, BLOCK_D, BLOCK_N, HALF_STATES),
            _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, c * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK, HAS_Z,
                        True, REVERSE),
            _spread(B_ptr, s_Bl, s_Bn, c * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE),
@@ -415,10 +444,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
         c = n_chunks - 1 - i
         cur = nxt
         cn = tl.maximum(c - 1, 0)  # (at the first chunk this reloads it: harmless, unused)
-        h0 = ()
-        for n in tl.static_range(BLOCK_N):
-            h0 = h0 + (tl.load(ck_ptr + tl.maximum(cn - 1, 0) * SLOT + n * BLOCK_D + lane, mask=cn > 0, other=0.0),)
-        nxt = (h0,
+        nxt = (_load_state(ck_ptr + tl.maximum(cn - 1, 0) * SLOT, lane, cn > 0, BLOCK_D, BLOCK_N, HALF_STATES),
                _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, cn * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK,
                            HAS_Z, True, REVERSE),
                _spread(B_ptr, s_Bl, s_Bn, cn * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE),
@@ -524,14 +550,16 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     dD = torch.empty(Bsz, Dim, **f32)
     dbias = torch.empty(Bsz, Dim, **f32)
     slots = triton.cdiv(L, chunk) - 1
-    ck = torch.empty(max(slots * grid[0] * Bsz * block_n * LANES, 1), **f32)
+    half = BF16_STATES and u.dtype == torch.bfloat16 and block_n >= 2
+    ck = torch.empty(max(slots * grid[0] * Bsz * (block_n // 2 if half else block_n) * LANES, 1),
+                     dtype=torch.int32 if half else torch.float32, device=u.device)
     z_strides = z.stride() if z is not None else (0, 0, 0)
     args = (u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
             delta_bias if delta_bias is not None else u, dout,
             du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, dbias, ck,
             Dim, L, *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_strides,
             *dout.stride(), *du.stride(), *ddelta.stride(), *(dz.stride() if dz is not None else (0, 0, 0)))
-    meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, num_warps=1)
+    meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, HALF_STATES=half, num_warps=1)
     return grid, args, meta, (du, ddelta, dz, dB, dC, dA, dD, dbias)
 
 

@@ -56,6 +56,7 @@ VARIANTS = {"chunk1": dict(CHUNK=1), "chunk2": dict(CHUNK=2), "chunk5": dict(CHU
 VARIANT_CASES = [CASES[2], CASES[4], CASES[8]]
 BF16_CASES = [CASES[2], CASES[8], _case(2, 40, 16, 9, seed=11)]  # (B, L, N) B and C, even N: the packed loads
 SHORT_CASES = [CASES[0], CASES[7]]  # L = 1 and L = 12
+BF16_STATES = dict(BF16_STATES=True)  # the candidate: pass 1's states stored in bf16 (bf16 inputs only)
 
 
 def make_inputs(case, device, dtype=torch.float32):
@@ -161,6 +162,8 @@ def _child_main(out_path):
     # bf16 with B and C read two per 32-bit word, as the model's x_proj output is stored
     checks += [(f"bf16-{case['id']}", lambda case=case: check_case(case, "cpu", torch.bfloat16, tol=2e-2))
                for case in BF16_CASES]
+    checks += [(f"bf16_states-{case['id']}", lambda case=case: check_case(case, "cpu", torch.bfloat16, 2e-2,
+                                                                            BF16_STATES)) for case in BF16_CASES]
     checks += [("model_eager", lambda: check_model(compiled=False)), ("model_compiled", lambda: check_model(True))]
     for variant, settings in VARIANTS.items():
         checks += [(f"{variant}-{case['id']}",
@@ -208,6 +211,35 @@ def test_interpreted_bf16_matches_reference(case, interpreted_results):
     assert failure is None, failure
 
 
+@pytest.mark.parametrize("case", BF16_CASES, ids=[c["id"] for c in BF16_CASES])
+def test_interpreted_bf16_states_match_reference(case, interpreted_results):
+    failure = interpreted_results[f"bf16_states-{case['id']}"]
+    assert failure is None, failure
+
+
+def test_bf16_states_only_for_bf16_activations():
+    """BF16_STATES stores the backward's chunk states as bf16 pairs in 32-bit words (half the fp32 scratch), only
+    for bf16 activations and an even number of states; fp32 and fp16 activations keep fp32 states."""
+    pytest.importorskip("triton")
+    import models.scan_triton as st
+    saved = st.BF16_STATES
+    try:
+        for flag, dtype, n, half in [(True, torch.bfloat16, 16, True), (True, torch.float32, 16, False),
+                                     (True, torch.float16, 16, False), (True, torch.bfloat16, 1, False),
+                                     (False, torch.bfloat16, 16, False)]:
+            st.BF16_STATES = flag
+            x = make_inputs(_case(1, 8, n, 7), "cpu", dtype)
+            _, args, meta, _ = st._backward_launch(x["dout"], x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"],
+                                                   x["z"], x["delta_bias"], True, False)
+            ck = args[17]  # the scratch: a state per chunk but the last, for one block of 32 channels
+            assert meta["HALF_STATES"] == half, (flag, dtype, n)
+            slots, words = -(-7 // meta["CHUNK"]) - 1, (max(n, 2) // 2 if half else n) * 32
+            assert ck.dtype == (torch.int32 if half else torch.float32)
+            assert ck.numel() == slots * words, (ck.numel(), half)
+    finally:
+        st.BF16_STATES = saved
+
+
 VARIANT_IDS = [f"{variant}-{case['id']}" for variant in VARIANTS for case in VARIANT_CASES + SHORT_CASES]
 
 
@@ -246,16 +278,23 @@ def test_kernels_unpack_no_nested_tuples():
 def test_compiled_kernels_use_one_instruction_math_and_do_not_spill():
     """On a GPU the softplus and sigmoids take the special-function unit's single instructions (Triton's exact log
     and division are ~30-instruction sequences per step), and the backward keeps its chunk in registers: compiled for
-    sm_90 here (the interpreter runs the exact forms, so only this sees the GPU's math)."""
+    sm_90 here (the interpreter runs the exact forms, so only this sees the GPU's math); also with BF16_STATES."""
     pytest.importorskip("triton")
     from tools import scan_regs
-    for kind in ("fwd", "bwd"):
-        compiled = scan_regs.compile_kernel(kind, 90)
-        ptx = compiled.asm["ptx"]
-        assert "div.full" not in ptx and "div.rn" not in ptx and "div.approx" in ptx, kind
-        assert ("lg2.approx" in ptx) and "ex2.approx.f32" not in ptx, kind  # every exp2 flushes denormals: one MUFU
-        regs, stack = scan_regs.resource_usage(compiled)
-        assert regs <= 255 and stack == 0, (kind, regs, stack)
+    import models.scan_triton as st
+    saved = st.BF16_STATES
+    try:
+        for kind, bf16_states in (("fwd", False), ("bwd", False), ("bwd", True)):
+            st.BF16_STATES = bf16_states
+            assert scan_regs.model_case(kind)[2].get("HALF_STATES", False) == bf16_states
+            compiled = scan_regs.compile_kernel(kind, 90)
+            ptx = compiled.asm["ptx"]
+            assert "div.full" not in ptx and "div.rn" not in ptx and "div.approx" in ptx, kind
+            assert ("lg2.approx" in ptx) and "ex2.approx.f32" not in ptx, kind  # each exp2 flushes denormals: 1 MUFU
+            regs, stack = scan_regs.resource_usage(compiled)
+            assert regs <= 255 and stack == 0, (kind, bf16_states, regs, stack)
+    finally:
+        st.BF16_STATES = saved
 
 
 def test_too_many_states_is_refused():
@@ -295,6 +334,13 @@ def test_gpu_variants(case, variant):
 @pytest.mark.parametrize("case", MODEL_CASES, ids=[c["id"] for c in MODEL_CASES])
 def test_gpu_model_shapes_match_reference(case, dtype):
     check_case(case, "cuda", dtype, tol=TOL[dtype])
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case", BF16_CASES + MODEL_CASES, ids=[c["id"] for c in BF16_CASES + MODEL_CASES])
+def test_gpu_bf16_states(case):
+    check_case(case, "cuda", torch.bfloat16, tol=TOL[torch.bfloat16], variant=BF16_STATES)
 
 
 @pytest.mark.gpu
