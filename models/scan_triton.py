@@ -30,7 +30,8 @@ load goes out a group of steps before the steps that use it:
 
 Backward, with nothing saved by the forward but its inputs, in two passes over the sequence per program:
   pass 1  runs the recurrence forward and stores the state at the end of every chunk of CHUNK steps (an fp32
-          scratch of B*D*N*L/CHUNK values, or bf16 with BF16_STATES; freed when the backward returns);
+          scratch of B*D*N*L/CHUNK values, freed when the backward returns; the candidates BF16_STATES and
+          EVERY_OTHER_STATE halve it);
   pass 2  walks the chunks from last to first. It recomputes the chunk's states from the stored one into registers,
           then steps back through them with the adjoint state
               g_t = dL/dh_t = C_t*dy_t + a_{t+1}*g_{t+1},      a_t = exp(delta_t*A),  dy = dout*silu(z)
@@ -68,6 +69,10 @@ GROUP = 4
 # and read again per call at batch 512); this halves it, at a rounding of the chunks' starting states (relative 2^-9)
 # that the gradients then carry. fp32 and fp16 activations keep fp32 states.
 BF16_STATES = False
+# A candidate, not yet timed on a GPU (so off): pass 1 stores only every second chunk's state, and pass 2 recomputes
+# the other from the one before (exact: the same arithmetic as pass 1). Halves the scratch like BF16_STATES, at one
+# chunk of recomputation per two chunks (about 50 more instructions a step) and a wait on the loads it needs.
+EVERY_OTHER_STATE = False
 # The softplus and the sigmoids take one special-function instruction per exp, log and division (approximate, a few
 # ulp). Triton's own tl.log, tl.sigmoid and "/" are exact library sequences, about 30 instructions for a log: 10-20%
 # of the scan's instructions per step. Triton's interpreter cannot run the approximations and uses the exact forms.
@@ -367,6 +372,33 @@ def _load_state(ptr, lane, mask, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, H
 
 
 @triton.jit
+def _chunk_end(h, steps, B_regs, bias, A2, mask_d, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_N: tl.constexpr, PACKED: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """The state after a whole chunk (every step in the sequence) from the state before it: steps are _lane_loads'
+    (u, delta, ...) per step, B_regs its B as _spread loads it."""
+    for k in tl.static_range(CHUNK):
+        dt, _ = _delta(steps[k][1], bias, mask_d, SOFTPLUS)
+        Bt = _step_bc(B_regs, k, BLOCK_D, BLOCK_N, PACKED)
+        dtu = dt * steps[k][0].to(tl.float32)
+        nh = ()
+        for n in tl.static_range(BLOCK_N):
+            nh = nh + (tl.exp2(dt * A2[n]) * h[n] + Bt[n] * dtu,)
+        h = nh
+    return h
+
+
+@triton.jit
+def _state_slot(c, EVERY_OTHER: tl.constexpr):
+    """-> (scratch slot, stored?) of the state pass 2 starts chunk c from: the start of chunk c (every chunk's but the
+    first is stored), or with EVERY_OTHER of chunk c rounded down to even (chunk 2's, 4's, ... are stored); the
+    first chunk starts from zeros."""
+    if EVERY_OTHER:
+        b = c - c % 2
+        return tl.maximum(b // 2 - 1, 0), b > 0
+    return tl.maximum(c - 1, 0), c > 0
+
+
+@triton.jit
 def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
                 du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, ck_ptr,
                 Dim, L,
@@ -375,7 +407,8 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 s_dub, s_dud, s_dul, s_dtb, s_dtd, s_dtl, s_dzb, s_dzd, s_dzl,
                 N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                LOG2N: tl.constexpr, CHUNK: tl.constexpr, PACKED: tl.constexpr, HALF_STATES: tl.constexpr):
+                LOG2N: tl.constexpr, CHUNK: tl.constexpr, PACKED: tl.constexpr, HALF_STATES: tl.constexpr,
+                EVERY_OTHER: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     lane = tl.arange(0, BLOCK_D)
@@ -396,7 +429,8 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
     dC_ptr += pid_b * L * N
     n_chunks = tl.cdiv(L, CHUNK)
     SLOT: tl.constexpr = (BLOCK_N // 2 if HALF_STATES else BLOCK_N) * BLOCK_D  # scratch words a state takes
-    ck_ptr += (pid_b * tl.num_programs(0) + pid_d) * (n_chunks - 1) * SLOT
+    n_slots = (n_chunks - 1) // 2 if EVERY_OTHER else n_chunks - 1  # stored states: the start of chunk 2, 4, ...
+    ck_ptr += (pid_b * tl.num_programs(0) + pid_d) * n_slots * SLOT     # or of every chunk but the first
 
     # Pass 1: the state at the end of every chunk but the last; the next chunk's loads go out before this one's
     # state is computed and stored.
@@ -412,16 +446,12 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
         nxt = (_lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, t0, L, s_ul, s_tl, 0, 0, CHUNK, False, False,
                            REVERSE),
                _spread(B_ptr, s_Bl, s_Bn, t0, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
-        steps = cur[0]
-        for k in tl.static_range(CHUNK):
-            dt, _ = _delta(steps[k][1], bias, mask_d, SOFTPLUS)  # every step of these chunks is in the sequence
-            Bt = _step_bc(cur[1], k, BLOCK_D, BLOCK_N, PACKED)
-            dtu = dt * steps[k][0].to(tl.float32)
-            nh = ()
-            for n in tl.static_range(BLOCK_N):
-                nh = nh + (tl.exp2(dt * A2[n]) * h[n] + Bt[n] * dtu,)
-            h = nh
-        _store_state(ck_ptr + c * SLOT, lane, h, BLOCK_D, BLOCK_N, HALF_STATES)
+        h = _chunk_end(h, cur[0], cur[1], bias, A2, mask_d, CHUNK, BLOCK_D, BLOCK_N, PACKED, SOFTPLUS)
+        if EVERY_OTHER:
+            if c % 2 == 1:
+                _store_state(ck_ptr + (c // 2) * SLOT, lane, h, BLOCK_D, BLOCK_N, HALF_STATES)
+        else:
+            _store_state(ck_ptr + c * SLOT, lane, h, BLOCK_D, BLOCK_N, HALF_STATES)
 
     # Pass 2: chunks from last to first; the next one's stored state and loads go out before this one computes.
     zero = tl.zeros((BLOCK_D,), tl.float32)
@@ -435,7 +465,8 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
     state = (lane >> (5 - LOG2N)) & ((1 << LOG2N) - 1)
     lead = ((lane & ((1 << (5 - LOG2N)) - 1)) == 0) & (state < N)
     c = n_chunks - 1
-    nxt = (_load_state(ck_ptr + tl.maximum(c - 1, 0) * SLOT, lane, c > 0, BLOCK_D, BLOCK_N, HALF_STATES),
+    slot, stored = _state_slot(c, EVERY_OTHER)
+    nxt = (_load_state(ck_ptr + slot * SLOT, lane, stored, BLOCK_D, BLOCK_N, HALF_STATES),
            _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, c * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK, HAS_Z,
                        True, REVERSE),
            _spread(B_ptr, s_Bl, s_Bn, c * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE),
@@ -444,13 +475,17 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
         c = n_chunks - 1 - i
         cur = nxt
         cn = tl.maximum(c - 1, 0)  # (at the first chunk this reloads it: harmless, unused)
-        nxt = (_load_state(ck_ptr + tl.maximum(cn - 1, 0) * SLOT, lane, cn > 0, BLOCK_D, BLOCK_N, HALF_STATES),
+        slot, stored = _state_slot(cn, EVERY_OTHER)
+        nxt = (_load_state(ck_ptr + slot * SLOT, lane, stored, BLOCK_D, BLOCK_N, HALF_STATES),
                _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, cn * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK,
                            HAS_Z, True, REVERSE),
                _spread(B_ptr, s_Bl, s_Bn, cn * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE),
                _spread(C_ptr, s_Cl, s_Cn, cn * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
         ld = cur[1]
         h = cur[0]
+        if EVERY_OTHER:
+            if c % 2 == 1:  # the stored state starts chunk c - 1: recompute that chunk, from the loads just issued
+                h = _chunk_end(h, nxt[1], nxt[2], bias, A2, mask_d, CHUNK, BLOCK_D, BLOCK_N, PACKED, SOFTPLUS)
         hs = (h,)  # hs[k] = h_{t-1} of the chunk's k-th step t, hs[k + 1] = h_t
         kept = ()  # each step's u, delta and delta + bias (fp32), kept for the way back
         for k in tl.static_range(CHUNK):
@@ -551,6 +586,8 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     dbias = torch.empty(Bsz, Dim, **f32)
     slots = triton.cdiv(L, chunk) - 1
     half = BF16_STATES and u.dtype == torch.bfloat16 and block_n >= 2
+    if EVERY_OTHER_STATE:
+        slots //= 2  # the starts of chunks 2, 4, ...
     ck = torch.empty(max(slots * grid[0] * Bsz * (block_n // 2 if half else block_n) * LANES, 1),
                      dtype=torch.int32 if half else torch.float32, device=u.device)
     z_strides = z.stride() if z is not None else (0, 0, 0)
@@ -559,7 +596,8 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
             du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, dbias, ck,
             Dim, L, *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_strides,
             *dout.stride(), *du.stride(), *ddelta.stride(), *(dz.stride() if dz is not None else (0, 0, 0)))
-    meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, HALF_STATES=half, num_warps=1)
+    meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, HALF_STATES=half,
+                EVERY_OTHER=EVERY_OTHER_STATE, num_warps=1)
     return grid, args, meta, (du, ddelta, dz, dB, dC, dA, dD, dbias)
 
 

@@ -52,11 +52,18 @@ CASES = [
 # partial last chunk or group, a reverse scan and a missing z, and at L = 1 and L = 12 (one chunk or group, and one
 # longer than the sequence). bf16 inputs take the packed loads of B and C.
 VARIANTS = {"chunk1": dict(CHUNK=1), "chunk2": dict(CHUNK=2), "chunk5": dict(CHUNK=5),
-            "group1": dict(GROUP=1), "group5": dict(GROUP=5)}
+            "group1": dict(GROUP=1), "group5": dict(GROUP=5), "every_other": dict(EVERY_OTHER_STATE=True)}
 VARIANT_CASES = [CASES[2], CASES[4], CASES[8]]
 BF16_CASES = [CASES[2], CASES[8], _case(2, 40, 16, 9, seed=11)]  # (B, L, N) B and C, even N: the packed loads
 SHORT_CASES = [CASES[0], CASES[7]]  # L = 1 and L = 12
-BF16_STATES = dict(BF16_STATES=True)  # the candidate: pass 1's states stored in bf16 (bf16 inputs only)
+# the backward's candidates: pass 1's states stored in bf16 (bf16 inputs only), and every second one of them only
+BF16_STATES = dict(BF16_STATES=True)
+BF16_EVERY_OTHER = dict(BF16_STATES=True, EVERY_OTHER_STATE=True)
+
+
+def variant_cases(variant):
+    """every_other also on 33 tokens: 11 chunks, an odd count (the others' 1, 4, 6 and 22 are even or one)."""
+    return VARIANT_CASES + SHORT_CASES + ([CASES[5]] if variant == "every_other" else [])
 
 
 def make_inputs(case, device, dtype=torch.float32):
@@ -164,11 +171,13 @@ def _child_main(out_path):
                for case in BF16_CASES]
     checks += [(f"bf16_states-{case['id']}", lambda case=case: check_case(case, "cpu", torch.bfloat16, 2e-2,
                                                                             BF16_STATES)) for case in BF16_CASES]
+    checks += [(f"bf16_every_other-{case['id']}", lambda case=case: check_case(
+        case, "cpu", torch.bfloat16, 2e-2, BF16_EVERY_OTHER)) for case in BF16_CASES]
     checks += [("model_eager", lambda: check_model(compiled=False)), ("model_compiled", lambda: check_model(True))]
     for variant, settings in VARIANTS.items():
         checks += [(f"{variant}-{case['id']}",
                     lambda case=case, settings=settings: check_case(case, "cpu", torch.float32, 1e-4, settings))
-                   for case in VARIANT_CASES + SHORT_CASES]
+                   for case in variant_cases(variant)]
     for name, check in checks:
         try:
             check()
@@ -217,30 +226,40 @@ def test_interpreted_bf16_states_match_reference(case, interpreted_results):
     assert failure is None, failure
 
 
-def test_bf16_states_only_for_bf16_activations():
+@pytest.mark.parametrize("case", BF16_CASES, ids=[c["id"] for c in BF16_CASES])
+def test_interpreted_bf16_every_other_state_matches_reference(case, interpreted_results):
+    failure = interpreted_results[f"bf16_every_other-{case['id']}"]
+    assert failure is None, failure
+
+
+def test_scratch_of_the_backward_candidates():
     """BF16_STATES stores the backward's chunk states as bf16 pairs in 32-bit words (half the fp32 scratch), only
-    for bf16 activations and an even number of states; fp32 and fp16 activations keep fp32 states."""
+    for bf16 activations and an even number of states; fp32 and fp16 activations keep fp32 states.
+    EVERY_OTHER_STATE stores the starts of chunks 2, 4, ... only: (chunks - 1) // 2 states, not chunks - 1."""
     pytest.importorskip("triton")
     import models.scan_triton as st
-    saved = st.BF16_STATES
+    saved = st.BF16_STATES, st.EVERY_OTHER_STATE
     try:
-        for flag, dtype, n, half in [(True, torch.bfloat16, 16, True), (True, torch.float32, 16, False),
-                                     (True, torch.float16, 16, False), (True, torch.bfloat16, 1, False),
-                                     (False, torch.bfloat16, 16, False)]:
-            st.BF16_STATES = flag
-            x = make_inputs(_case(1, 8, n, 7), "cpu", dtype)
+        for flag, every_other, dtype, n, L, half in [
+                (True, False, torch.bfloat16, 16, 7, True), (True, False, torch.float32, 16, 7, False),
+                (True, False, torch.float16, 16, 7, False), (True, False, torch.bfloat16, 1, 7, False),
+                (False, False, torch.bfloat16, 16, 7, False), (False, True, torch.float32, 16, 13, False),
+                (False, True, torch.float32, 16, 16, False), (True, True, torch.bfloat16, 16, 7, True)]:
+            st.BF16_STATES, st.EVERY_OTHER_STATE = flag, every_other
+            x = make_inputs(_case(1, 8, n, L), "cpu", dtype)
             _, args, meta, _ = st._backward_launch(x["dout"], x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"],
                                                    x["z"], x["delta_bias"], True, False)
-            ck = args[17]  # the scratch: a state per chunk but the last, for one block of 32 channels
-            assert meta["HALF_STATES"] == half, (flag, dtype, n)
-            slots, words = -(-7 // meta["CHUNK"]) - 1, (max(n, 2) // 2 if half else n) * 32
+            ck = args[17]  # the scratch of one block of 32 channels
+            assert (meta["HALF_STATES"], meta["EVERY_OTHER"]) == (half, every_other), (flag, dtype, n)
+            chunks = -(-L // meta["CHUNK"])
+            slots, words = (chunks - 1) // 2 if every_other else chunks - 1, (max(n, 2) // 2 if half else n) * 32
             assert ck.dtype == (torch.int32 if half else torch.float32)
-            assert ck.numel() == slots * words, (ck.numel(), half)
+            assert ck.numel() == max(slots * words, 1), (ck.numel(), half, every_other, L)
     finally:
-        st.BF16_STATES = saved
+        st.BF16_STATES, st.EVERY_OTHER_STATE = saved
 
 
-VARIANT_IDS = [f"{variant}-{case['id']}" for variant in VARIANTS for case in VARIANT_CASES + SHORT_CASES]
+VARIANT_IDS = [f"{variant}-{case['id']}" for variant in VARIANTS for case in variant_cases(variant)]
 
 
 @pytest.mark.parametrize("check", VARIANT_IDS)
@@ -341,6 +360,13 @@ def test_gpu_model_shapes_match_reference(case, dtype):
 @pytest.mark.parametrize("case", BF16_CASES + MODEL_CASES, ids=[c["id"] for c in BF16_CASES + MODEL_CASES])
 def test_gpu_bf16_states(case):
     check_case(case, "cuda", torch.bfloat16, tol=TOL[torch.bfloat16], variant=BF16_STATES)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case", MODEL_CASES, ids=[c["id"] for c in MODEL_CASES])
+def test_gpu_bf16_every_other_state(case):
+    check_case(case, "cuda", torch.bfloat16, tol=TOL[torch.bfloat16], variant=BF16_EVERY_OTHER)
 
 
 @pytest.mark.gpu
