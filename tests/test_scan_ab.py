@@ -2,6 +2,7 @@
 itself on a GPU."""
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -43,6 +44,36 @@ def test_without_a_gpu_it_says_so(capsys):
     pytest.importorskip("triton")
     assert scan_ab.main([KERNEL]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_failing_kernel_is_one_row_and_the_others_still_run(monkeypatch, capsys):
+    """A kernel that raises (a compile error on the GPU's Triton, say) gets an error row per direction; the kernels
+    after it are still timed, and the summary compares them with the first."""
+    monkeypatch.setattr(scan_ab, "inputs", lambda batch, length: tuple(torch.ones(2) for _ in range(9)))
+    monkeypatch.setattr(scan_ab, "_cuda_ms", lambda fn, n: 2.0 if fn.__name__ == "bwd" else 1.0)
+
+    def broken(*args):
+        raise RuntimeError("PassManager::run failed\nmore detail")
+    good = types.SimpleNamespace(_forward=lambda *a: torch.ones(2), _backward=lambda *a: (torch.ones(2), None))
+    bad = types.SimpleNamespace(_forward=broken, _backward=broken)
+    rows = scan_ab.compare([("good", good), ("bad", bad), ("again", good)], [(5, 2)])
+    assert [(r["kernel"], "error" in r) for r in rows] == [("good", False), ("good", False), ("bad", True),
+                                                          ("bad", True), ("again", False), ("again", False)]
+    assert rows[2]["error"] == "RuntimeError: PassManager::run failed"
+    assert rows[4]["max_rel_diff_vs_first"] == 0.0
+    out = capsys.readouterr().out
+    assert out.count("failed: RuntimeError: PassManager::run failed") == 2
+    lines = scan_ab.summary(rows)
+    assert len(lines) == 3 and all(line.split()[-3:] == ["1.000", "2.000", "1.000x"] for line in lines[1:])
+
+
+def test_summary_means_the_directions_against_the_first():
+    rows = [dict(kernel=k, length=65, batch=8, reverse=rev, fwd_ms=f, bwd_ms=b, max_rel_diff_vs_first=None)
+            for k, rev, f, b in [("a", False, 1.0, 3.0), ("a", True, 1.0, 5.0), ("b", False, 0.5, 1.5),
+                                 ("b", True, 0.5, 2.5)]]
+    lines = scan_ab.summary(rows)
+    assert lines[1].split() == ["a", "65", "8", "1.000", "4.000", "1.000x"]
+    assert lines[2].split() == ["b", "65", "8", "0.500", "2.000", "0.500x"]
 
 
 @pytest.mark.gpu

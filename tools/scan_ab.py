@@ -10,7 +10,9 @@ sets a module constant after loading (CHUNK, GROUP), to time a setting without e
 
 Inputs are the model's: mamba_small's 768 channels, 16 states, bf16 activations stored (B, L, D) and seen as (B, D, L),
 B and C slices of one (B, L, 56) projection, fp32 A, D and delta_bias, softplus and the z gate on; both directions
-are timed apart. Times are CUDA events around 20 calls after 3 warm-up calls. Needs a GPU.
+are timed apart. Times are CUDA events around 20 calls after 3 warm-up calls. Needs a GPU. A kernel that fails gets a
+row with its error and the rest still run; at the end a summary gives each kernel's times as the mean of the two
+directions, and forward plus backward against the first kernel's.
 """
 import argparse
 import json
@@ -64,7 +66,8 @@ def inputs(batch, length, dim=768, state=16, dt_rank=24, device="cuda"):
 
 
 def compare(kernels, shapes):
-    """kernels: [(label, module)]; shapes: [(length, batch)] -> rows, printed as they come."""
+    """kernels: [(label, module)]; shapes: [(length, batch)] -> rows, printed as they come. A kernel that fails
+    (a compile error, say) gets a row with its error, and the others still run."""
     rows = []
     for length, batch in shapes:
         u, dt, A, B, C, D, z, bias, dout = inputs(batch, length)
@@ -76,7 +79,13 @@ def compare(kernels, shapes):
 
                 def bwd():
                     return m._backward(dout, u, dt, A, B, C, D, z, bias, True, reverse)
-                results = [fwd()] + [g for g in bwd() if g is not None]
+                try:
+                    results = [fwd()] + [g for g in bwd() if g is not None]
+                except Exception as e:  # noqa: BLE001 (one line, and on to the next kernel)
+                    message = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    rows.append(dict(kernel=label, length=length, batch=batch, reverse=reverse, error=message))
+                    print(f"{label:<40} L {length:>4} batch {batch:>5} failed: {message}", flush=True)
+                    continue
                 err = None
                 if reverse in first:  # largest difference over outputs and gradients, relative to the tensor's max
                     err = max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
@@ -91,6 +100,23 @@ def compare(kernels, shapes):
                       f"forward {row['fwd_ms']:.3f} ms  backward {row['bwd_ms']:.3f} ms"
                       + ("" if err is None else f"  max rel. diff {err:.1e}"), flush=True)
     return rows
+
+
+def summary(rows):
+    """-> lines: per shape and kernel, forward and backward ms as the mean of the two directions, and forward plus
+    backward against the first kernel's."""
+    lines = [f"{'kernel':<40} {'L':>4} {'batch':>5}  fwd ms  bwd ms  fwd+bwd vs first"]
+    base = {}
+    groups = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["length"], r["batch"], r["kernel"]), []).append(r)
+    for (length, batch, label), rs in groups.items():
+        f = sum(r["fwd_ms"] for r in rs) / len(rs)
+        b = sum(r["bwd_ms"] for r in rs) / len(rs)
+        ref = base.setdefault((length, batch), f + b)
+        lines.append(f"{label:<40} {length:>4} {batch:>5}  {f:6.3f}  {b:6.3f}  {(f + b) / ref:.3f}x")
+    return lines
 
 
 def main(argv=None):
@@ -114,6 +140,7 @@ def main(argv=None):
         print(f"scan_ab.py: error: {e}", file=sys.stderr)
         return 2
     rows = compare(kernels, shapes)
+    print("\n".join(["", "mean of the two directions:"] + summary(rows)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, rows=rows), f, indent=1)
