@@ -569,13 +569,13 @@ def _forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
     return grid, args, dict(meta, GROUP=GROUP, num_warps=1), out
 
 
-def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk=None):
+def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
     """-> (grid, arguments, compile-time constants, output buffers) of the backward kernel's launch (the registers
-    tool, tools/scan_regs.py, compiles exactly these without a GPU); chunk: the chunk length (default CHUNK)."""
+    tool, tools/scan_regs.py, compiles exactly these without a GPU)."""
     Bsz, Dim, L = u.shape
     meta = _meta(u, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     N, block_n = meta["N"], meta["BLOCK_N"]
-    chunk = min(chunk or CHUNK, L)
+    chunk = min(CHUNK, L)
     grid = (triton.cdiv(Dim, LANES), Bsz)
     f32 = dict(dtype=torch.float32, device=u.device)
     du, ddelta = _empty_like_bdl(u), _empty_like_bdl(delta)
@@ -610,11 +610,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
 def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
     grid, args, meta, buffers = _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     _bwd_kernel[grid](*args, **meta)
-    return _reduce_partials(buffers, A, B, C, D, delta_bias)
-
-
-def _reduce_partials(buffers, A, B, C, D, delta_bias):
-    """The backward kernel's buffers -> the gradients in the inputs' layouts and dtypes (per-batch partials summed)."""
+    # the gradients in the inputs' layouts and dtypes, per-batch partials summed
     du, ddelta, dz, dB, dC, dA, dD, dbias = buffers
     dA = dA.sum(0).t().contiguous().to(A.dtype)
     dB = dB.transpose(1, 2).contiguous().to(B.dtype)  # (B, N, L)
