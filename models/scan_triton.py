@@ -28,10 +28,11 @@ load goes out a group of steps before the steps that use it:
   * The forward loads GROUP steps at once, one group ahead.
   * The backward's two passes load the next chunk while they compute the current one.
 
-Backward, with nothing saved by the forward but its inputs, in two passes over the sequence per program:
+Backward, with nothing saved by the forward but its inputs, in two passes over the sequence, two launches of one
+kernel (PASS 1, then 2: pass 1 needs a quarter of pass 2's registers, and as its own launch it runs with more warps
+resident; 0.5-5.5% faster than one launch, docs/results/scan_ab_split_maxnreg_h100.log):
   pass 1  runs the recurrence forward and stores the state at the end of every chunk of CHUNK steps (an fp32
-          scratch of B*D*N*L/CHUNK values, freed when the backward returns; the candidates BF16_STATES and
-          EVERY_OTHER_STATE halve it);
+          scratch of B*D*N*L/CHUNK values, freed when the backward returns);
   pass 2  walks the chunks from last to first. It recomputes the chunk's states from the stored one into registers,
           then steps back through them with the adjoint state
               g_t = dL/dh_t = C_t*dy_t + a_{t+1}*g_{t+1},      a_t = exp(delta_t*A),  dy = dout*silu(z)
@@ -59,20 +60,12 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 LANES = 32
 # backward: steps whose states stay in registers together. 3 beat 2 at every measured shape with the kernel before
-# the loads ahead; here 3 compiles to 255 registers without spills (tools/scan_regs.py).
+# the loads ahead; here 3 compiles to 255 registers without spills (tools/scan_regs.py), and 4 and 5, which spill,
+# were 32-91% slower (docs/results/scan_ab_state_candidates_h100.log).
 CHUNK = 3
 # forward: steps loaded together, one group ahead. 4 was fastest at batch 512 (65 and 257 tokens) and within 3% of
 # 8 at 257 tokens, batch 128 (docs/results/scan_ab_prefetch_h100.log).
 GROUP = 4
-# A candidate, not yet timed on a GPU (so off): pass 1's states stored in bf16, two to a 32-bit word, when the
-# activations are bf16. The fp32 scratch is about 70% of the backward's memory traffic at 257 tokens (2.1 GB written
-# and read again per call at batch 512); this halves it, at a rounding of the chunks' starting states (relative 2^-9)
-# that the gradients then carry. fp32 and fp16 activations keep fp32 states.
-BF16_STATES = False
-# A candidate, not yet timed on a GPU (so off): pass 1 stores only every second chunk's state, and pass 2 recomputes
-# the other from the one before (exact: the same arithmetic as pass 1). Halves the scratch like BF16_STATES, at one
-# chunk of recomputation per two chunks (about 50 more instructions a step) and a wait on the loads it needs.
-EVERY_OTHER_STATE = False
 # The softplus and the sigmoids take one special-function instruction per exp, log and division (approximate, a few
 # ulp). Triton's own tl.log, tl.sigmoid and "/" are exact library sequences, about 30 instructions for a log: 10-20%
 # of the scan's instructions per step. Triton's interpreter cannot run the approximations and uses the exact forms.
@@ -344,30 +337,18 @@ def _adjoint_step(u, dt, x, dy, Bt, Ct, hp, hc, q, dA_acc, A2, Dv, zero, m_d, BL
 
 
 @triton.jit
-def _store_state(ptr, lane, h, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr):
-    """A chunk's end state into the scratch: BLOCK_N rows of BLOCK_D fp32, or with HALF, BLOCK_N/2 rows of 32-bit
-    words, each two states rounded to bf16 (the even one in the low half, as B and C are packed)."""
-    if HALF:
-        for j in tl.static_range(BLOCK_N // 2):
-            lo = h[2 * j].to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
-            hi = h[2 * j + 1].to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16
-            tl.store(ptr + j * BLOCK_D + lane, hi | lo)
-    else:
-        for n in tl.static_range(BLOCK_N):
-            tl.store(ptr + n * BLOCK_D + lane, h[n])
+def _store_state(ptr, lane, h, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A chunk's end state into the scratch: BLOCK_N rows of BLOCK_D fp32."""
+    for n in tl.static_range(BLOCK_N):
+        tl.store(ptr + n * BLOCK_D + lane, h[n])
 
 
 @triton.jit
-def _load_state(ptr, lane, mask, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr):
-    """_store_state's state back as BLOCK_N fp32 channel vectors; zeros where mask is off (the first chunk)."""
+def _load_state(ptr, lane, mask, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_store_state's state back as BLOCK_N channel vectors; zeros where mask is off (the first chunk)."""
     h = ()
-    if HALF:
-        for j in tl.static_range(BLOCK_N // 2):
-            w = tl.load(ptr + j * BLOCK_D + lane, mask=mask, other=0)
-            h = h + ((w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True))
-    else:
-        for n in tl.static_range(BLOCK_N):
-            h = h + (tl.load(ptr + n * BLOCK_D + lane, mask=mask, other=0.0),)
+    for n in tl.static_range(BLOCK_N):
+        h = h + (tl.load(ptr + n * BLOCK_D + lane, mask=mask, other=0.0),)
     return h
 
 
@@ -388,17 +369,6 @@ def _chunk_end(h, steps, B_regs, bias, A2, mask_d, CHUNK: tl.constexpr, BLOCK_D:
 
 
 @triton.jit
-def _state_slot(c, EVERY_OTHER: tl.constexpr):
-    """-> (scratch slot, stored?) of the state pass 2 starts chunk c from: the start of chunk c (every chunk's but the
-    first is stored), or with EVERY_OTHER of chunk c rounded down to even (chunk 2's, 4's, ... are stored); the
-    first chunk starts from zeros."""
-    if EVERY_OTHER:
-        b = c - c % 2
-        return tl.maximum(b // 2 - 1, 0), b > 0
-    return tl.maximum(c - 1, 0), c > 0
-
-
-@triton.jit
 def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
                 du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, ck_ptr,
                 Dim, L,
@@ -407,8 +377,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 s_dub, s_dud, s_dul, s_dtb, s_dtd, s_dtl, s_dzb, s_dzd, s_dzl,
                 N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                LOG2N: tl.constexpr, CHUNK: tl.constexpr, PACKED: tl.constexpr, HALF_STATES: tl.constexpr,
-                EVERY_OTHER: tl.constexpr):
+                LOG2N: tl.constexpr, CHUNK: tl.constexpr, PACKED: tl.constexpr, PASS: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     lane = tl.arange(0, BLOCK_D)
@@ -428,106 +397,98 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
     dB_ptr += pid_b * L * N
     dC_ptr += pid_b * L * N
     n_chunks = tl.cdiv(L, CHUNK)
-    SLOT: tl.constexpr = (BLOCK_N // 2 if HALF_STATES else BLOCK_N) * BLOCK_D  # scratch words a state takes
-    n_slots = (n_chunks - 1) // 2 if EVERY_OTHER else n_chunks - 1  # stored states: the start of chunk 2, 4, ...
-    ck_ptr += (pid_b * tl.num_programs(0) + pid_d) * n_slots * SLOT     # or of every chunk but the first
+    SLOT: tl.constexpr = BLOCK_N * BLOCK_D  # scratch values a state takes; the start of every chunk but the first
+    ck_ptr += (pid_b * tl.num_programs(0) + pid_d) * (n_chunks - 1) * SLOT
 
     # Pass 1: the state at the end of every chunk but the last; the next chunk's loads go out before this one's
     # state is computed and stored.
-    h = ()
-    for n in tl.static_range(BLOCK_N):
-        h = h + (tl.zeros((BLOCK_D,), tl.float32),)
-    nxt = (_lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, 0, L, s_ul, s_tl, 0, 0, CHUNK, False, False,
-                       REVERSE),
-           _spread(B_ptr, s_Bl, s_Bn, 0, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
-    for c in range(0, n_chunks - 1):
-        cur = nxt
-        t0 = (c + 1) * CHUNK
-        nxt = (_lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, t0, L, s_ul, s_tl, 0, 0, CHUNK, False, False,
+    if PASS == 1:
+        h = ()
+        for n in tl.static_range(BLOCK_N):
+            h = h + (tl.zeros((BLOCK_D,), tl.float32),)
+        nxt = (_lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, 0, L, s_ul, s_tl, 0, 0, CHUNK, False, False,
                            REVERSE),
-               _spread(B_ptr, s_Bl, s_Bn, t0, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
-        h = _chunk_end(h, cur[0], cur[1], bias, A2, mask_d, CHUNK, BLOCK_D, BLOCK_N, PACKED, SOFTPLUS)
-        if EVERY_OTHER:
-            if c % 2 == 1:
-                _store_state(ck_ptr + (c // 2) * SLOT, lane, h, BLOCK_D, BLOCK_N, HALF_STATES)
-        else:
-            _store_state(ck_ptr + c * SLOT, lane, h, BLOCK_D, BLOCK_N, HALF_STATES)
+               _spread(B_ptr, s_Bl, s_Bn, 0, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
+        for c in range(0, n_chunks - 1):
+            cur = nxt
+            t0 = (c + 1) * CHUNK
+            nxt = (_lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, t0, L, s_ul, s_tl, 0, 0, CHUNK, False, False,
+                               REVERSE),
+                   _spread(B_ptr, s_Bl, s_Bn, t0, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
+            h = _chunk_end(h, cur[0], cur[1], bias, A2, mask_d, CHUNK, BLOCK_D, BLOCK_N, PACKED, SOFTPLUS)
+            _store_state(ck_ptr + c * SLOT, lane, h, BLOCK_D, BLOCK_N)
 
     # Pass 2: chunks from last to first; the next one's stored state and loads go out before this one computes.
-    zero = tl.zeros((BLOCK_D,), tl.float32)
-    q = ()       # a_{t+1} * g_{t+1}
-    dA_acc = ()
-    for n in tl.static_range(BLOCK_N):
-        q = q + (zero,)
-        dA_acc = dA_acc + (zero,)
-    dD_acc = zero
-    dbias_acc = zero
-    state = (lane >> (5 - LOG2N)) & ((1 << LOG2N) - 1)
-    lead = ((lane & ((1 << (5 - LOG2N)) - 1)) == 0) & (state < N)
-    c = n_chunks - 1
-    slot, stored = _state_slot(c, EVERY_OTHER)
-    nxt = (_load_state(ck_ptr + slot * SLOT, lane, stored, BLOCK_D, BLOCK_N, HALF_STATES),
-           _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, c * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK, HAS_Z,
-                       True, REVERSE),
-           _spread(B_ptr, s_Bl, s_Bn, c * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE),
-           _spread(C_ptr, s_Cl, s_Cn, c * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
-    for i in range(0, n_chunks):
-        c = n_chunks - 1 - i
-        cur = nxt
-        cn = tl.maximum(c - 1, 0)  # (at the first chunk this reloads it: harmless, unused)
-        slot, stored = _state_slot(cn, EVERY_OTHER)
-        nxt = (_load_state(ck_ptr + slot * SLOT, lane, stored, BLOCK_D, BLOCK_N, HALF_STATES),
-               _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, cn * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK,
-                           HAS_Z, True, REVERSE),
-               _spread(B_ptr, s_Bl, s_Bn, cn * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE),
-               _spread(C_ptr, s_Cl, s_Cn, cn * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
-        ld = cur[1]
-        h = cur[0]
-        if EVERY_OTHER:
-            if c % 2 == 1:  # the stored state starts chunk c - 1: recompute that chunk, from the loads just issued
-                h = _chunk_end(h, nxt[1], nxt[2], bias, A2, mask_d, CHUNK, BLOCK_D, BLOCK_N, PACKED, SOFTPLUS)
-        hs = (h,)  # hs[k] = h_{t-1} of the chunk's k-th step t, hs[k + 1] = h_t
-        kept = ()  # each step's u, delta and delta + bias (fp32), kept for the way back
-        for k in tl.static_range(CHUNK):
-            m_d = mask_d & (c * CHUNK + k < L)
-            u = ld[k][0].to(tl.float32)
-            dt, x = _delta(ld[k][1], bias, m_d, SOFTPLUS)
-            Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
-            dtu = dt * u
-            nh = ()
-            for n in tl.static_range(BLOCK_N):
-                nh = nh + (tl.exp2(dt * A2[n]) * h[n] + Bt[n] * dtu,)
-            h = nh
-            hs = hs + (h,)
-            kept = kept + ((u, dt, x),)
-        for k in tl.static_range(CHUNK - 1, -1, -1):
-            t = c * CHUNK + k
-            p = _clamped(t, L, REVERSE)
-            live = t < L
-            m_d = mask_d & live
-            u, dt, x = kept[k]
-            Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
-            Ct = _step_bc(cur[3], k, BLOCK_D, BLOCK_N, PACKED)
-            dy = tl.where(m_d, ld[k][3].to(tl.float32), 0.0)  # 0 past the sequence: such a step passes g through
-            if HAS_Z:
-                dz, dy = _gate_back(dy, ld[k][2], u, Ct, hs[k + 1], Dv, BLOCK_N)
-                tl.store(dz_ptr + p * s_dzl + offs_d * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
-            du, ddt, q, dA_acc, dBp, dCp = _adjoint_step(u, dt, x, dy, Bt, Ct, hs[k], hs[k + 1], q, dA_acc, A2, Dv,
-                                                         zero, m_d, BLOCK_N, SOFTPLUS)
-            if HAS_D:
-                dD_acc += dy * u
-            dbias_acc += ddt
-            tl.store(du_ptr + p * s_dul + offs_d * s_dud, du.to(du_ptr.dtype.element_ty), mask=m_d)
-            tl.store(ddt_ptr + p * s_dtl + offs_d * s_dtd, ddt.to(ddt_ptr.dtype.element_ty), mask=m_d)
-            # dB_t and dC_t: sums over the channels, scattered over the lanes, added to what other blocks add
-            m_s = lead & live
-            tl.atomic_add(dB_ptr + p * N + state, _sum_over_lanes(dBp, lane, LOG2N), mask=m_s, sem="relaxed")
-            tl.atomic_add(dC_ptr + p * N + state, _sum_over_lanes(dCp, lane, LOG2N), mask=m_s, sem="relaxed")
+    if PASS == 2:
+        zero = tl.zeros((BLOCK_D,), tl.float32)
+        q = ()       # a_{t+1} * g_{t+1}
+        dA_acc = ()
+        for n in tl.static_range(BLOCK_N):
+            q = q + (zero,)
+            dA_acc = dA_acc + (zero,)
+        dD_acc = zero
+        dbias_acc = zero
+        state = (lane >> (5 - LOG2N)) & ((1 << LOG2N) - 1)
+        lead = ((lane & ((1 << (5 - LOG2N)) - 1)) == 0) & (state < N)
+        c = n_chunks - 1
+        nxt = (_load_state(ck_ptr + tl.maximum(c - 1, 0) * SLOT, lane, c > 0, BLOCK_D, BLOCK_N),
+               _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, c * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK, HAS_Z,
+                           True, REVERSE),
+               _spread(B_ptr, s_Bl, s_Bn, c * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE),
+               _spread(C_ptr, s_Cl, s_Cn, c * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
+        for i in range(0, n_chunks):
+            c = n_chunks - 1 - i
+            cur = nxt
+            cn = tl.maximum(c - 1, 0)  # (at the first chunk this reloads it: harmless, unused)
+            nxt = (_load_state(ck_ptr + tl.maximum(cn - 1, 0) * SLOT, lane, cn > 0, BLOCK_D, BLOCK_N),
+                   _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, cn * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK,
+                               HAS_Z, True, REVERSE),
+                   _spread(B_ptr, s_Bl, s_Bn, cn * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE),
+                   _spread(C_ptr, s_Cl, s_Cn, cn * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
+            ld = cur[1]
+            h = cur[0]
+            hs = (h,)  # hs[k] = h_{t-1} of the chunk's k-th step t, hs[k + 1] = h_t
+            kept = ()  # each step's u, delta and delta + bias (fp32), kept for the way back
+            for k in tl.static_range(CHUNK):
+                m_d = mask_d & (c * CHUNK + k < L)
+                u = ld[k][0].to(tl.float32)
+                dt, x = _delta(ld[k][1], bias, m_d, SOFTPLUS)
+                Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
+                dtu = dt * u
+                nh = ()
+                for n in tl.static_range(BLOCK_N):
+                    nh = nh + (tl.exp2(dt * A2[n]) * h[n] + Bt[n] * dtu,)
+                h = nh
+                hs = hs + (h,)
+                kept = kept + ((u, dt, x),)
+            for k in tl.static_range(CHUNK - 1, -1, -1):
+                t = c * CHUNK + k
+                p = _clamped(t, L, REVERSE)
+                live = t < L
+                m_d = mask_d & live
+                u, dt, x = kept[k]
+                Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
+                Ct = _step_bc(cur[3], k, BLOCK_D, BLOCK_N, PACKED)
+                dy = tl.where(m_d, ld[k][3].to(tl.float32), 0.0)  # 0 past the sequence: such a step passes g through
+                if HAS_Z:
+                    dz, dy = _gate_back(dy, ld[k][2], u, Ct, hs[k + 1], Dv, BLOCK_N)
+                    tl.store(dz_ptr + p * s_dzl + offs_d * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
+                du, ddt, q, dA_acc, dBp, dCp = _adjoint_step(u, dt, x, dy, Bt, Ct, hs[k], hs[k + 1], q, dA_acc, A2, Dv,
+                                                             zero, m_d, BLOCK_N, SOFTPLUS)
+                if HAS_D:
+                    dD_acc += dy * u
+                dbias_acc += ddt
+                tl.store(du_ptr + p * s_dul + offs_d * s_dud, du.to(du_ptr.dtype.element_ty), mask=m_d)
+                tl.store(ddt_ptr + p * s_dtl + offs_d * s_dtd, ddt.to(ddt_ptr.dtype.element_ty), mask=m_d)
+                # dB_t and dC_t: sums over the channels, scattered over the lanes, added to what other blocks add
+                m_s = lead & live
+                tl.atomic_add(dB_ptr + p * N + state, _sum_over_lanes(dBp, lane, LOG2N), mask=m_s, sem="relaxed")
+                tl.atomic_add(dC_ptr + p * N + state, _sum_over_lanes(dCp, lane, LOG2N), mask=m_s, sem="relaxed")
 
-    for n in tl.static_range(BLOCK_N):
-        tl.store(dA_ptr + pid_b * N * Dim + n * Dim + offs_d, dA_acc[n], mask=mask_d & (n < N))
-    tl.store(dD_ptr + pid_b * Dim + offs_d, dD_acc, mask=mask_d)
-    tl.store(dbias_ptr + pid_b * Dim + offs_d, dbias_acc, mask=mask_d)
+        for n in tl.static_range(BLOCK_N):
+            tl.store(dA_ptr + pid_b * N * Dim + n * Dim + offs_d, dA_acc[n], mask=mask_d & (n < N))
+        tl.store(dD_ptr + pid_b * Dim + offs_d, dD_acc, mask=mask_d)
+        tl.store(dbias_ptr + pid_b * Dim + offs_d, dbias_acc, mask=mask_d)
 
 
 # ------------------------------------------------------------------------------------------------ launches
@@ -570,8 +531,8 @@ def _forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
 
 
 def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    """-> (grid, arguments, compile-time constants, output buffers) of the backward kernel's launch (the registers
-    tool, tools/scan_regs.py, compiles exactly these without a GPU)."""
+    """-> (grid, arguments, compile-time constants but PASS, output buffers) of the backward kernel's two launches,
+    one per pass (the registers tool, tools/scan_regs.py, compiles exactly these without a GPU)."""
     Bsz, Dim, L = u.shape
     meta = _meta(u, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     N, block_n = meta["N"], meta["BLOCK_N"]
@@ -585,19 +546,14 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     dD = torch.empty(Bsz, Dim, **f32)
     dbias = torch.empty(Bsz, Dim, **f32)
     slots = triton.cdiv(L, chunk) - 1
-    half = BF16_STATES and u.dtype == torch.bfloat16 and block_n >= 2
-    if EVERY_OTHER_STATE:
-        slots //= 2  # the starts of chunks 2, 4, ...
-    ck = torch.empty(max(slots * grid[0] * Bsz * (block_n // 2 if half else block_n) * LANES, 1),
-                     dtype=torch.int32 if half else torch.float32, device=u.device)
+    ck = torch.empty(max(slots * grid[0] * Bsz * block_n * LANES, 1), **f32)
     z_strides = z.stride() if z is not None else (0, 0, 0)
     args = (u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
             delta_bias if delta_bias is not None else u, dout,
             du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, dbias, ck,
             Dim, L, *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_strides,
             *dout.stride(), *du.stride(), *ddelta.stride(), *(dz.stride() if dz is not None else (0, 0, 0)))
-    meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, HALF_STATES=half,
-                EVERY_OTHER=EVERY_OTHER_STATE, num_warps=1)
+    meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, num_warps=1)
     return grid, args, meta, (du, ddelta, dz, dB, dC, dA, dD, dbias)
 
 
@@ -609,7 +565,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
 
 def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
     grid, args, meta, buffers = _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-    _bwd_kernel[grid](*args, **meta)
+    _bwd_kernel[grid](*args, **meta, PASS=1)
+    _bwd_kernel[grid](*args, **meta, PASS=2)
     # the gradients in the inputs' layouts and dtypes, per-batch partials summed
     du, ddelta, dz, dB, dC, dA, dD, dbias = buffers
     dA = dA.sum(0).t().contiguous().to(A.dtype)

@@ -100,16 +100,17 @@ def test_scan_regs_compiles_for_a_gpu_without_one(tmp_path, capsys):
     out = tmp_path / "regs.json"
     assert scan_regs.main(["--chunks", "1", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [(r["kernel"], r["chunk"]) for r in rows] == [("fwd", None), ("bwd", 1), ("bwd", 2)]
+    assert [(r["kernel"], r["chunk"]) for r in rows] == [("fwd", None), ("pass1", 1), ("pass2", 1), ("pass1", 2),
+                                                         ("pass2", 2)]
     assert all(0 < r["regs"] <= 255 and r["stack_bytes"] >= 0 and r["arch"] == 90 for r in rows)
-    # the loops over the sequence: the forward's one, the backward's two passes; per step = sum / steps per iteration
-    assert [len(r["loop_instructions"]) for r in rows] == [1, 2, 2]
+    # the loop over the sequence of each kernel (the backward's two passes are two); per step = loop / steps per iteration
+    assert [len(r["loop_instructions"]) for r in rows] == [1, 1, 1, 1, 1]
     for r in rows:
         steps = st.GROUP if r["kernel"] == "fwd" else r["chunk"]
         assert all(n > 50 for n in r["loop_instructions"])
         assert r["instructions_per_step"] == round(sum(r["loop_instructions"]) / steps, 1)
     out_text = capsys.readouterr().out
-    assert out_text.count("regs") == 3 and out_text.count("a step") == 3 and st.CHUNK == chunk
+    assert out_text.count("regs") == 5 and out_text.count("a step") == 5 and st.CHUNK == chunk
     assert scan_regs.main(["--chunks", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--chunks must be positive" in err
@@ -121,13 +122,14 @@ def test_scan_regs_compiles_the_models_launch():
     pytest.importorskip("triton")
     from tools import scan_regs
     import models.scan_triton as st
-    for kind, kernel in (("fwd", st._fwd_kernel), ("bwd", st._bwd_kernel)):
+    for kind, kernel in (("fwd", st._fwd_kernel), ("pass1", st._bwd_kernel), ("pass2", st._bwd_kernel)):
         grid, args, meta = scan_regs.model_case(kind)
         strides = dict(zip(kernel.arg_names, args))
         assert grid == (768 // 32, scan_regs.MODEL_CASE["batch"])
         assert strides["s_ud"] == strides["s_td"] == strides["s_zd"] == strides["s_od"] == 1
         assert strides["s_Bn"] == strides["s_Cn"] == 1 and strides["s_ul"] == 768
         assert meta["HAS_Z"] and meta["SOFTPLUS"] and meta["BLOCK_N"] == 16 and meta["PACKED"]
+        assert meta.get("PASS") == {"fwd": None, "pass1": 1, "pass2": 2}[kind]
     # compiled as Triton's launcher specialises that call: unit strides are constants, aligned pointers marked
     ttir = scan_regs.compile_kernel("fwd", 90).asm["ttir"]
     signature = ttir[ttir.index("tt.func public @_fwd_kernel"):].split("\n")[0]

@@ -52,18 +52,10 @@ CASES = [
 # partial last chunk or group, a reverse scan and a missing z, and at L = 1 and L = 12 (one chunk or group, and one
 # longer than the sequence). bf16 inputs take the packed loads of B and C.
 VARIANTS = {"chunk1": dict(CHUNK=1), "chunk2": dict(CHUNK=2), "chunk5": dict(CHUNK=5),
-            "group1": dict(GROUP=1), "group5": dict(GROUP=5), "every_other": dict(EVERY_OTHER_STATE=True)}
+            "group1": dict(GROUP=1), "group5": dict(GROUP=5)}
 VARIANT_CASES = [CASES[2], CASES[4], CASES[8]]
 BF16_CASES = [CASES[2], CASES[8], _case(2, 40, 16, 9, seed=11)]  # (B, L, N) B and C, even N: the packed loads
 SHORT_CASES = [CASES[0], CASES[7]]  # L = 1 and L = 12
-# the backward's candidates: pass 1's states stored in bf16 (bf16 inputs only), and every second one of them only
-BF16_STATES = dict(BF16_STATES=True)
-BF16_EVERY_OTHER = dict(BF16_STATES=True, EVERY_OTHER_STATE=True)
-
-
-def variant_cases(variant):
-    """every_other also on 33 tokens: 11 chunks, an odd count (the others' 1, 4, 6 and 22 are even or one)."""
-    return VARIANT_CASES + SHORT_CASES + ([CASES[5]] if variant == "every_other" else [])
 
 
 def make_inputs(case, device, dtype=torch.float32):
@@ -169,15 +161,11 @@ def _child_main(out_path):
     # bf16 with B and C read two per 32-bit word, as the model's x_proj output is stored
     checks += [(f"bf16-{case['id']}", lambda case=case: check_case(case, "cpu", torch.bfloat16, tol=2e-2))
                for case in BF16_CASES]
-    checks += [(f"bf16_states-{case['id']}", lambda case=case: check_case(case, "cpu", torch.bfloat16, 2e-2,
-                                                                            BF16_STATES)) for case in BF16_CASES]
-    checks += [(f"bf16_every_other-{case['id']}", lambda case=case: check_case(
-        case, "cpu", torch.bfloat16, 2e-2, BF16_EVERY_OTHER)) for case in BF16_CASES]
     checks += [("model_eager", lambda: check_model(compiled=False)), ("model_compiled", lambda: check_model(True))]
     for variant, settings in VARIANTS.items():
         checks += [(f"{variant}-{case['id']}",
                     lambda case=case, settings=settings: check_case(case, "cpu", torch.float32, 1e-4, settings))
-                   for case in variant_cases(variant)]
+                   for case in VARIANT_CASES + SHORT_CASES]
     for name, check in checks:
         try:
             check()
@@ -220,46 +208,22 @@ def test_interpreted_bf16_matches_reference(case, interpreted_results):
     assert failure is None, failure
 
 
-@pytest.mark.parametrize("case", BF16_CASES, ids=[c["id"] for c in BF16_CASES])
-def test_interpreted_bf16_states_match_reference(case, interpreted_results):
-    failure = interpreted_results[f"bf16_states-{case['id']}"]
-    assert failure is None, failure
-
-
-@pytest.mark.parametrize("case", BF16_CASES, ids=[c["id"] for c in BF16_CASES])
-def test_interpreted_bf16_every_other_state_matches_reference(case, interpreted_results):
-    failure = interpreted_results[f"bf16_every_other-{case['id']}"]
-    assert failure is None, failure
-
-
-def test_scratch_of_the_backward_candidates():
-    """BF16_STATES stores the backward's chunk states as bf16 pairs in 32-bit words (half the fp32 scratch), only
-    for bf16 activations and an even number of states; fp32 and fp16 activations keep fp32 states.
-    EVERY_OTHER_STATE stores the starts of chunks 2, 4, ... only: (chunks - 1) // 2 states, not chunks - 1."""
+def test_backward_scratch_holds_every_chunk_start_but_the_first():
+    """Pass 1 stores the state that starts each chunk but the first (fp32, per block of 32 channels and batch element);
+    pass 2 reads them back. One chunk (L <= CHUNK) stores nothing (a one-value placeholder)."""
     pytest.importorskip("triton")
     import models.scan_triton as st
-    saved = st.BF16_STATES, st.EVERY_OTHER_STATE
-    try:
-        for flag, every_other, dtype, n, L, half in [
-                (True, False, torch.bfloat16, 16, 7, True), (True, False, torch.float32, 16, 7, False),
-                (True, False, torch.float16, 16, 7, False), (True, False, torch.bfloat16, 1, 7, False),
-                (False, False, torch.bfloat16, 16, 7, False), (False, True, torch.float32, 16, 13, False),
-                (False, True, torch.float32, 16, 16, False), (True, True, torch.bfloat16, 16, 7, True)]:
-            st.BF16_STATES, st.EVERY_OTHER_STATE = flag, every_other
-            x = make_inputs(_case(1, 8, n, L), "cpu", dtype)
-            _, args, meta, _ = st._backward_launch(x["dout"], x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"],
-                                                   x["z"], x["delta_bias"], True, False)
-            ck = args[17]  # the scratch of one block of 32 channels
-            assert (meta["HALF_STATES"], meta["EVERY_OTHER"]) == (half, every_other), (flag, dtype, n)
-            chunks = -(-L // meta["CHUNK"])
-            slots, words = (chunks - 1) // 2 if every_other else chunks - 1, (max(n, 2) // 2 if half else n) * 32
-            assert ck.dtype == (torch.int32 if half else torch.float32)
-            assert ck.numel() == max(slots * words, 1), (ck.numel(), half, every_other, L)
-    finally:
-        st.BF16_STATES, st.EVERY_OTHER_STATE = saved
+    for dtype, n, L in [(torch.bfloat16, 16, 7), (torch.float32, 16, 13), (torch.float32, 4, 3), (torch.float32, 16, 1)]:
+        x = make_inputs(_case(2, 40, n, L), "cpu", dtype)
+        grid, args, meta, _ = st._backward_launch(x["dout"], x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"],
+                                                  x["z"], x["delta_bias"], True, False)
+        ck = args[17]
+        assert grid == (2, 2) and "PASS" not in meta and ck.dtype == torch.float32
+        chunks = -(-L // meta["CHUNK"])
+        assert ck.numel() == max((chunks - 1) * grid[0] * grid[1] * meta["BLOCK_N"] * 32, 1), (dtype, n, L)
 
 
-VARIANT_IDS = [f"{variant}-{case['id']}" for variant in VARIANTS for case in variant_cases(variant)]
+VARIANT_IDS = [f"{variant}-{case['id']}" for variant in VARIANTS for case in VARIANT_CASES + SHORT_CASES]
 
 
 @pytest.mark.parametrize("check", VARIANT_IDS)
@@ -297,23 +261,19 @@ def test_kernels_unpack_no_nested_tuples():
 def test_compiled_kernels_use_one_instruction_math_and_do_not_spill():
     """On a GPU the softplus and sigmoids take the special-function unit's single instructions (Triton's exact log
     and division are ~30-instruction sequences per step), and the backward keeps its chunk in registers: compiled for
-    sm_90 here (the interpreter runs the exact forms, so only this sees the GPU's math); also with BF16_STATES."""
+    sm_90 here (the interpreter runs the exact forms, so only this sees the GPU's math). The backward's pass 1 runs
+    as a kernel of its own so that it is not held to pass 2's registers: it takes at most half as many."""
     pytest.importorskip("triton")
     from tools import scan_regs
-    import models.scan_triton as st
-    saved = st.BF16_STATES
-    try:
-        for kind, bf16_states in (("fwd", False), ("bwd", False), ("bwd", True)):
-            st.BF16_STATES = bf16_states
-            assert scan_regs.model_case(kind)[2].get("HALF_STATES", False) == bf16_states
-            compiled = scan_regs.compile_kernel(kind, 90)
-            ptx = compiled.asm["ptx"]
-            assert "div.full" not in ptx and "div.rn" not in ptx and "div.approx" in ptx, kind
-            assert ("lg2.approx" in ptx) and "ex2.approx.f32" not in ptx, kind  # each exp2 flushes denormals: 1 MUFU
-            regs, stack = scan_regs.resource_usage(compiled)
-            assert regs <= 255 and stack == 0, (kind, bf16_states, regs, stack)
-    finally:
-        st.BF16_STATES = saved
+    regs = {}
+    for kind in ("fwd", "pass1", "pass2"):
+        compiled = scan_regs.compile_kernel(kind, 90)
+        ptx = compiled.asm["ptx"]
+        assert "div.full" not in ptx and "div.rn" not in ptx and "div.approx" in ptx, kind
+        assert ("lg2.approx" in ptx) and "ex2.approx.f32" not in ptx, kind  # each exp2 flushes denormals: 1 MUFU
+        regs[kind], stack = scan_regs.resource_usage(compiled)
+        assert regs[kind] <= 255 and stack == 0, (kind, regs[kind], stack)
+    assert regs["pass1"] * 2 <= regs["pass2"], regs
 
 
 def test_too_many_states_is_refused():
@@ -353,20 +313,6 @@ def test_gpu_variants(case, variant):
 @pytest.mark.parametrize("case", MODEL_CASES, ids=[c["id"] for c in MODEL_CASES])
 def test_gpu_model_shapes_match_reference(case, dtype):
     check_case(case, "cuda", dtype, tol=TOL[dtype])
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("case", BF16_CASES + MODEL_CASES, ids=[c["id"] for c in BF16_CASES + MODEL_CASES])
-def test_gpu_bf16_states(case):
-    check_case(case, "cuda", torch.bfloat16, tol=TOL[torch.bfloat16], variant=BF16_STATES)
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("case", MODEL_CASES, ids=[c["id"] for c in MODEL_CASES])
-def test_gpu_bf16_every_other_state(case):
-    check_case(case, "cuda", torch.bfloat16, tol=TOL[torch.bfloat16], variant=BF16_EVERY_OTHER)
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ warps an SM holds; spills slow it down. This shows both without a GPU, before a 
 
 Per kernel: registers per thread and stack bytes per thread (spilled registers live there), as ptxas allocates them,
 and the machine instructions in each loop over the sequence (from nvdisasm's SASS; per step: the loop's count divided
-by the steps one iteration takes, GROUP in the forward and the chunk length in the backward's two passes): with the
+by the steps one iteration takes, GROUP in the forward and the chunk length in each of the backward's two passes, one kernel each): with the
 latency of the loads, what bounds the scan (docs/SPEED.md). All for the model's case (bf16 activations, fp32
 parameters, 16 states, D, z, delta_bias and softplus on, forward scan).
 Numbers belong to the installed Triton and ptxas: another Triton version may allocate differently.
@@ -34,7 +34,8 @@ MODEL_CASE = dict(batch=2, dim=768, length=65, state=16, dt_rank=24)
 
 def model_case(kind):
     """-> (grid, arguments, constants) of the launch that models/scan_triton.py makes for the model's case (the same
-    code builds them, so the compiled kernel is the one a GPU would run)."""
+    code builds them, so the compiled kernel is the one a GPU would run). kind: "fwd", or the backward's "pass1"
+    (the chunk states) or "pass2" (the gradients)."""
     import torch
     import models.scan_triton as st
     b, d, length, n, r = (MODEL_CASE[k] for k in ("batch", "dim", "length", "state", "dt_rank"))
@@ -47,11 +48,12 @@ def model_case(kind):
         grid, args, meta, _ = st._forward_launch(u, dt, A, B, C, D, z, bias, True, False)
     else:
         grid, args, meta, _ = st._backward_launch(act(), u, dt, A, B, C, D, z, bias, True, False)
+        meta = dict(meta, PASS={"pass1": 1, "pass2": 2}[kind])
     return grid, args, meta
 
 
 def compile_kernel(kind, arch):
-    """-> the compiled kernel ("fwd" or "bwd", at models/scan_triton.py's CHUNK) for sm_<arch>, specialised as Triton's
+    """-> the compiled kernel (model_case's kind, at models/scan_triton.py's CHUNK) for sm_<arch>, specialised as Triton's
     launcher specialises the real call: integer arguments equal to 1 (unit strides) become constants, and pointers
     and integers divisible by 16 are marked so (what lets loads be vectorised)."""
     import triton
@@ -138,7 +140,7 @@ def main(argv=None):
         return 2
     import models.scan_triton as st
     saved = st.CHUNK
-    shapes = [("fwd", None)] + [("bwd", c) for c in (args.chunks or [saved])]
+    shapes = [("fwd", None)] + [(kind, c) for c in (args.chunks or [saved]) for kind in ("pass1", "pass2")]
     rows = []
     try:
         for kind, chunk in shapes:
@@ -154,8 +156,8 @@ def main(argv=None):
             steps = st.GROUP if kind == "fwd" else (chunk or saved)  # steps an iteration
             rows.append(dict(kernel=kind, chunk=chunk, arch=args.arch, regs=regs, stack_bytes=stack,
                              loop_instructions=sizes, instructions_per_step=round(sum(sizes) / steps, 1)))
-            label = "forward" if kind == "fwd" else f"backward, chunk {chunk or saved}"
-            print(f"{label:<20} sm_{args.arch}  regs {regs:>3}  stack {stack:>5} bytes  loop instructions "
+            label = "forward" if kind == "fwd" else f"backward {kind[:4]} {kind[4]}, chunk {chunk or saved}"
+            print(f"{label:<26} sm_{args.arch}  regs {regs:>3}  stack {stack:>5} bytes  loop instructions "
                   f"{'+'.join(map(str, sizes))} = {sum(sizes) / steps:.0f} a step", flush=True)
     finally:
         st.CHUNK = saved
