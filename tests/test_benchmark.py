@@ -103,7 +103,7 @@ def test_scan_regs_compiles_for_a_gpu_without_one(tmp_path, capsys):
     assert [(r["kernel"], r["chunk"]) for r in rows] == [("fwd", None), ("pass1", 1), ("pass2", 1), ("pass1", 2),
                                                          ("pass2", 2)]
     assert all(0 < r["regs"] <= 255 and r["stack_bytes"] >= 0 and r["arch"] == 90 for r in rows)
-    # the loop over the sequence of each kernel (the backward's two passes are two); per step = loop / steps per iteration
+    # each kernel's loop over the sequence (the backward's passes are two kernels); per step = loop / steps an iteration
     assert [len(r["loop_instructions"]) for r in rows] == [1, 1, 1, 1, 1]
     for r in rows:
         steps = st.GROUP if r["kernel"] == "fwd" else r["chunk"]

@@ -213,7 +213,8 @@ def test_backward_scratch_holds_every_chunk_start_but_the_first():
     pass 2 reads them back. One chunk (L <= CHUNK) stores nothing (a one-value placeholder)."""
     pytest.importorskip("triton")
     import models.scan_triton as st
-    for dtype, n, L in [(torch.bfloat16, 16, 7), (torch.float32, 16, 13), (torch.float32, 4, 3), (torch.float32, 16, 1)]:
+    for dtype, n, L in [(torch.bfloat16, 16, 7), (torch.float32, 16, 13), (torch.float32, 4, 3),
+                        (torch.float32, 16, 1)]:
         x = make_inputs(_case(2, 40, n, L), "cpu", dtype)
         grid, args, meta, _ = st._backward_launch(x["dout"], x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"],
                                                   x["z"], x["delta_bias"], True, False)

@@ -10,9 +10,9 @@ warps an SM holds; spills slow it down. This shows both without a GPU, before a 
 
 Per kernel: registers per thread and stack bytes per thread (spilled registers live there), as ptxas allocates them,
 and the machine instructions in each loop over the sequence (from nvdisasm's SASS; per step: the loop's count divided
-by the steps one iteration takes, GROUP in the forward and the chunk length in each of the backward's two passes, one kernel each): with the
-latency of the loads, what bounds the scan (docs/SPEED.md). All for the model's case (bf16 activations, fp32
-parameters, 16 states, D, z, delta_bias and softplus on, forward scan).
+by the steps one iteration takes, GROUP in the forward and the chunk length in each of the backward's two passes, a
+kernel each): with the latency of the loads, what bounds the scan (docs/SPEED.md). All for the model's case (bf16
+activations, fp32 parameters, 16 states, D, z, delta_bias and softplus on, forward scan).
 Numbers belong to the installed Triton and ptxas: another Triton version may allocate differently.
 """
 import argparse
@@ -53,9 +53,9 @@ def model_case(kind):
 
 
 def compile_kernel(kind, arch):
-    """-> the compiled kernel (model_case's kind, at models/scan_triton.py's CHUNK) for sm_<arch>, specialised as Triton's
-    launcher specialises the real call: integer arguments equal to 1 (unit strides) become constants, and pointers
-    and integers divisible by 16 are marked so (what lets loads be vectorised)."""
+    """-> the compiled kernel (model_case's kind, at models/scan_triton.py's CHUNK) for sm_<arch>, specialised as
+    Triton's launcher specialises the real call: integer arguments equal to 1 (unit strides) become constants, and
+    pointers and integers divisible by 16 are marked so (what lets loads be vectorised)."""
     import triton
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import GPUTarget
@@ -156,7 +156,8 @@ def main(argv=None):
             steps = st.GROUP if kind == "fwd" else (chunk or saved)  # steps an iteration
             rows.append(dict(kernel=kind, chunk=chunk, arch=args.arch, regs=regs, stack_bytes=stack,
                              loop_instructions=sizes, instructions_per_step=round(sum(sizes) / steps, 1)))
-            label = "forward" if kind == "fwd" else f"backward {kind[:4]} {kind[4]}, chunk {chunk or saved}"
+            label = {"fwd": "forward", "pass1": f"backward pass 1, chunk {chunk or saved}",
+                     "pass2": f"backward pass 2, chunk {chunk or saved}"}[kind]
             print(f"{label:<26} sm_{args.arch}  regs {regs:>3}  stack {stack:>5} bytes  loop instructions "
                   f"{'+'.join(map(str, sizes))} = {sum(sizes) / steps:.0f} a step", flush=True)
     finally:
