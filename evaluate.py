@@ -215,7 +215,7 @@ def run(args):
                           else "cpu")
     model.to(device)
     scan = resolve_scan("auto", device)
-    model.set_kernels(scan, device.type == "cuda" and scan != "ref" and causal_conv1d_available())
+    model.set_kernels(scan, scan == "cuda" and causal_conv1d_available())
     amp = device.type == "cuda"  # as the trainer tests: bf16 autocast on CUDA, fp32 on the CPU
     mean, std = normalisation(info)
     logits = predict(model, images, mean, std, device, args.batch_size, amp)

@@ -77,10 +77,18 @@ class BiMambaMixer(nn.Module):
             return causal_conv1d_fn(x.transpose(1, 2), weight, conv.bias, activation="silu").transpose(1, 2)
         return conv1d_silu(x, weight, conv.bias, reverse)
 
-    def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D, reverse):
-        """One scan direction over x, z: (B, L, D_in) -> (B, D_in, L). The backward direction (reverse) scans the
-        tokens from last to first; its output comes back in the tokens' order."""
-        x = self._conv(x, conv, reverse)
+    def _convs(self, x):
+        """Both directions' conv + SiLU: x (B, L, D_in) -> (u_f, u_b), each (B, L, D_in). With the Triton scan, our
+        Triton kernel does both at once (models/conv_triton.py)."""
+        if self.scan_backend == "triton":
+            from models.conv_triton import conv_pair_silu
+            return conv_pair_silu(x, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                  self.conv1d_b.weight.squeeze(1), self.conv1d_b.bias)
+        return self._conv(x, self.conv1d, False), self._conv(x, self.conv1d_b, True)
+
+    def _direction(self, x, z, x_proj, dt_proj, A_log, D, reverse):
+        """One scan direction over x (the conv's output), z: (B, L, D_in) -> (B, D_in, L). The backward direction
+        (reverse) scans the tokens from last to first; its output comes back in the tokens' order."""
         x_dbl = x_proj(x)                                                  # (B, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ dt_proj.weight.t()                                       # (B, L, D_in); bias goes in the scan
@@ -93,11 +101,13 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden):
         """hidden: (B, L, d_model) -> (B, L, d_model)."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)                       # (B, L, D_in) each
-        y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
-        y_b = self._direction(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
-                              reverse=True)
-        y = (y_f + y_b) / 2                                                # (B, D_in, L)
-        return self.out_proj(y.transpose(1, 2))
+        u_f, u_b = self._convs(x)
+        y_f = self._direction(u_f, z, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
+        y_b = self._direction(u_b, z, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True)
+        # averaged as (B, L, D_in), the layout the scans store and out_proj reads: as (B, D_in, L), torch.compile
+        # wrote the mean transposed and then copied it back (docs/SPEED.md, "The mixer's convs")
+        y = (y_f.transpose(1, 2) + y_b.transpose(1, 2)) / 2
+        return self.out_proj(y)
 
 
 def _init_dt_proj(dt_proj, dt_rank, dt_min, dt_max, dt_init_floor):

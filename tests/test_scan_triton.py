@@ -250,12 +250,14 @@ def test_packed_loads_only_where_they_read_the_right_values():
 def test_kernels_unpack_no_nested_tuples():
     """The Triton that comes with torch 2.11 fails to build a kernel's cache key (at its first launch in a process)
     with "TypeError: unhashable type: 'list'" when the kernel assigns to a nested tuple such as ``(a, b), c = x``;
-    Triton 3.8 accepts it. So no kernel may use one."""
+    Triton 3.8 accepts it. So no kernel (the scan's, the mixer's convs') may use one."""
     import ast
-    tree = ast.parse(open(os.path.join(ROOT, "models", "scan_triton.py")).read())
-    nested = [f"line {node.lineno}" for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.For))
-              for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
-              if isinstance(target, ast.Tuple) and any(isinstance(e, (ast.Tuple, ast.List)) for e in target.elts)]
+    nested = []
+    for name in ("scan_triton.py", "conv_triton.py"):
+        tree = ast.parse(open(os.path.join(ROOT, "models", name)).read())
+        nested += [f"{name} line {node.lineno}" for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.For))
+                   for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                   if isinstance(target, ast.Tuple) and any(isinstance(e, (ast.Tuple, ast.List)) for e in target.elts)]
     assert not nested, nested
 
 

@@ -84,7 +84,7 @@ def run_row(kind, arch, width, depth, patch, batch, args, device):
         else:
             model = build_model(arch, 10, embed_dim=width, depth=depth, patch_size=patch, stem=args.stem).to(device)
             scan = resolve_scan(args.scan, device)
-            conv = device.type == "cuda" and scan != "ref" and causal_conv1d_available() and not args.compile
+            conv = scan == "cuda" and causal_conv1d_available() and not args.compile
             model.set_kernels(scan, conv)
             row.update(scan=scan, causal_conv1d=conv, compiled=args.compile, stem=args.stem,
                        compile_mode=args.compile_mode if args.compile else None)

@@ -37,7 +37,7 @@ def main(argv=None):
     patch = DEFAULT_PATCH_SIZE[args.stem] if args.patch_size is None else args.patch_size
     model = build_model(args.arch, 10, patch_size=patch, stem=args.stem).to(device)
     scan = resolve_scan(args.scan, device)
-    model.set_kernels(scan, scan != "ref" and causal_conv1d_available() and not args.compile)
+    model.set_kernels(scan, scan == "cuda" and causal_conv1d_available() and not args.compile)
     opt = build_optimizer(model, 1e-3, 0.05, device)
     mean, std = MEAN_STD["cifar10"]
     step = TrainStep(model, opt, num_classes=10, mean=mean, std=std, amp=True,

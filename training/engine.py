@@ -220,9 +220,10 @@ class Run:
                                  stem=cfg.stem,
                                  **self.pretrained_shape).to(device)
         self.scan = resolve_scan(cfg.scan, device)
+        # the convs: with our Triton scan, our Triton conv kernel (models/conv_triton.py); with mamba-ssm's scan,
         # causal-conv1d's kernel when installed, except under torch.compile, which fuses our PyTorch conv (and its
         # SiLU) with the ops around it and would break its graph at the package's kernel
-        self.causal_conv = device.type == "cuda" and self.scan != "ref" and causal_conv1d_available() and \
+        self.causal_conv = device.type == "cuda" and self.scan == "cuda" and causal_conv1d_available() and \
             not cfg.compile
         self.model.set_kernels(self.scan, self.causal_conv)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, device)
@@ -316,8 +317,8 @@ class Run:
         self.log.info(f"model: {cfg.arch} {n_params:,} parameters, {self.model.cfg.num_patches + 1} tokens "
                       f"({'conv stem, stride' if cfg.stem == 'conv' else 'patch'} {cfg.patch_size}), "
                       f"width {self.model.cfg.embed_dim}, depth {self.model.cfg.depth}")
-        self.log.info(f"device: {gpu} x{self.world} | scan kernel: {self.scan} | causal-conv1d: "
-                      f"{'yes' if self.causal_conv else 'no (PyTorch)'} | precision: "
+        conv = "triton" if self.scan == "triton" else "causal-conv1d" if self.causal_conv else "PyTorch"
+        self.log.info(f"device: {gpu} x{self.world} | scan kernel: {self.scan} | conv kernel: {conv} | precision: "
                       f"{'bf16 autocast' if self.amp else 'fp32'}{' | torch.compile' if cfg.compile else ''}"
                       f"{' (CUDA graphs)' if cfg.cuda_graphs else ''}")
         val = f"{len(self.val_data)} val (held out: {self.split['held_out']}) / " if self.split else ""
