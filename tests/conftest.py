@@ -55,3 +55,39 @@ def after_setup(monkeypatch, fn):
         fn(self)
 
     monkeypatch.setattr(engine.Run, "setup", setup)
+
+
+def run_checks(checks, out_path):
+    """In the interpreted child process of a Triton kernel test file: run each (name, check) and write {name: None, or
+    the failure's traceback} as JSON, for that file's tests in the parent to report one by one."""
+    import json
+    import traceback
+    results = {}
+    for name, check in checks:
+        try:
+            check()
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc()
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+
+
+def run_interpreted(test_file, tmp_path_factory, timeout):
+    """Runs test_file as a script (its __main__ calls run_checks) in a child process with TRITON_INTERPRET=1 set
+    before anything is imported: Triton reads it when a kernel is decorated, so setting it here would be too late if
+    another test module had imported the kernels, and it would leak into later tests and subprocesses. -> the child's
+    results. Skipped where a GPU exists (the gpu tests run the same cases compiled) or Triton is missing."""
+    import json
+    import subprocess
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the gpu tests run these cases compiled")
+    pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp(os.path.splitext(os.path.basename(test_file))[0]) / "results.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get(
+        "PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, os.path.abspath(test_file), str(out)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 and out.exists(), f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(out.read_text())

@@ -1,21 +1,17 @@
 """Tests of the mixer's Triton conv pair (models/conv_triton.py) against the PyTorch conv (models.bimamba.conv1d_silu).
 
-CPU: the kernels run under Triton's interpreter in a child process (TRITON_INTERPRET must be set before Triton
-decorates a kernel; tests/test_scan_triton.py says why), each case then checked by its own test here; skipped where
-a GPU exists. GPU (@pytest.mark.gpu): the same cases compiled, then model-sized ones in fp32 and bf16.
+CPU: the kernels run under Triton's interpreter in a child process (conftest.run_interpreted says why), each case
+then checked by its own test here; skipped where a GPU exists. GPU (@pytest.mark.gpu): the same cases compiled, then model-sized ones in fp32 and bf16.
 The whole model with these kernels, eager and compiled, is checked in tests/test_scan_triton.py and tests/test_gpu.py.
 """
-import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import run_checks, run_interpreted
 from models.bimamba import conv1d_silu
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("u_f", "u_b", "dx", "dw_f", "db_f", "dw_b", "db_b")
 
 
@@ -78,32 +74,14 @@ def check_case(case, device, dtype, tol):
 # ---------------------------------------------------------------- CPU, under Triton's interpreter (child process)
 
 def _child_main(out_path):
-    import traceback
-    results = {}
     checks = [(c["id"], lambda c=c: check_case(c, "cpu", torch.float32, 1e-5)) for c in CASES]
     checks += [(f"bf16-{c['id']}", lambda c=c: check_case(c, "cpu", torch.bfloat16, 2e-2)) for c in CASES[2:4]]
-    for name, check in checks:
-        try:
-            check()
-            results[name] = None
-        except Exception:  # reported by the check's test in the parent
-            results[name] = traceback.format_exc()
-    with open(out_path, "w") as f:
-        json.dump(results, f)
+    run_checks(checks, out_path)
 
 
 @pytest.fixture(scope="module")
 def interpreted_results(tmp_path_factory):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the gpu tests run these cases compiled")
-    pytest.importorskip("triton")
-    out = tmp_path_factory.mktemp("conv_triton") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get(
-        "PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and out.exists(), f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(out.read_text())
+    return run_interpreted(__file__, tmp_path_factory, timeout=600)
 
 
 @pytest.mark.parametrize("check", [c["id"] for c in CASES] + [f"bf16-{c['id']}" for c in CASES[2:4]])

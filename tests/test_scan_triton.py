@@ -10,17 +10,14 @@ tests run the same cases compiled.
 GPU (@pytest.mark.gpu): the same small cases, then model-sized ones (B=64, D=768, N=16, L=65 and 257, and a batch of 1)
 in fp32 and bf16 against the reference and, when mamba-ssm is installed, against its CUDA kernel.
 """
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import ROOT, run_checks, run_interpreted
 from models.scan import selective_scan_ref
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GRADS = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias")
 
@@ -155,8 +152,6 @@ def check_model(compiled):
 
 def _child_main(out_path):
     """Runs every case under the interpreter (this process has TRITON_INTERPRET=1) and writes the results."""
-    import traceback
-    results = {}
     checks = [(case["id"], lambda case=case: check_case(case, "cpu", torch.float32, tol=1e-4)) for case in CASES]
     # bf16 with B and C read two per 32-bit word, as the model's x_proj output is stored
     checks += [(f"bf16-{case['id']}", lambda case=case: check_case(case, "cpu", torch.bfloat16, tol=2e-2))
@@ -166,28 +161,12 @@ def _child_main(out_path):
         checks += [(f"{variant}-{case['id']}",
                     lambda case=case, settings=settings: check_case(case, "cpu", torch.float32, 1e-4, settings))
                    for case in VARIANT_CASES + SHORT_CASES]
-    for name, check in checks:
-        try:
-            check()
-            results[name] = None
-        except Exception:  # reported by the check's test in the parent
-            results[name] = traceback.format_exc()
-    with open(out_path, "w") as f:
-        json.dump(results, f)
+    run_checks(checks, out_path)
 
 
 @pytest.fixture(scope="module")
 def interpreted_results(tmp_path_factory):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the gpu tests run these cases compiled")
-    pytest.importorskip("triton")
-    out = tmp_path_factory.mktemp("scan_triton") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get(
-        "PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0 and out.exists(), f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(out.read_text())
+    return run_interpreted(__file__, tmp_path_factory, timeout=900)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
