@@ -287,6 +287,35 @@ def test_conv1d_silu_is_the_official_depthwise_conv(reverse):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scan", ["ref", "triton"])
+def test_the_triton_scan_brings_the_triton_convs(scan, monkeypatch):
+    """With the Triton scan the mixer's two convs go to models/conv_triton.py's kernel, with each direction's own
+    weights; with any other scan they stay the PyTorch conv (the kernel stood in for by it here, as the CPU cannot
+    compile it; tests/test_conv_triton.py checks the kernel itself)."""
+    pytest.importorskip("triton")
+    import models.conv_triton
+    from models.bimamba import conv1d_silu
+    calls = []
+
+    def stand_in(x, w_f, b_f, w_b, b_b):
+        calls.append((w_f, b_f, w_b, b_b))
+        return conv1d_silu(x, w_f, b_f), conv1d_silu(x, w_b, b_b, reverse=True)
+
+    monkeypatch.setattr(models.conv_triton, "conv_pair_silu", stand_in)
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(8)
+    mixer.set_kernels(scan, False)
+    x = torch.randn(2, 5, mixer.d_inner)
+    u_f, u_b = mixer._convs(x)
+    torch.testing.assert_close(u_f, conv1d_silu(x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias))
+    torch.testing.assert_close(u_b, conv1d_silu(x, mixer.conv1d_b.weight.squeeze(1), mixer.conv1d_b.bias, True))
+    assert len(calls) == (scan == "triton")
+    if calls:
+        w_f, b_f, w_b, b_b = calls[0]
+        assert torch.equal(w_f, mixer.conv1d.weight.squeeze(1)) and b_f is mixer.conv1d.bias
+        assert torch.equal(w_b, mixer.conv1d_b.weight.squeeze(1)) and b_b is mixer.conv1d_b.bias
+
+
 def test_conv_stem_gives_the_patch_4_grid():
     """--stem conv: two stride-2 stages, so 32x32 -> 8x8 = 64 tokens + the class token, like patch 4; the class token
     still sits in the middle; every stem parameter learns."""
