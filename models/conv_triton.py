@@ -17,13 +17,14 @@ A program owns BLOCK_D channels of one batch element and walks the sequence ROWS
 once, a group ahead of the group it computes; a tap's neighbours come from registers. A first version on 2-D tiles
 loaded each input at every shift a tap needs, and each shifted load cost about a full read from memory.
 """
-import contextlib
 from typing import List
 
 import torch
 from torch import Tensor
 import triton
 import triton.language as tl
+
+from models.scan_triton import _device
 
 # Not tuned (no GPU time was left for a sweep): 8 rows keep 24 loads a lane in flight in the backward at 96 registers
 # (54 in the forward, no spills, compiled for sm_90); 64 channels, one per lane, make 6,144 programs of two warps at
@@ -185,10 +186,6 @@ def _conv_bwd_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, duf_ptr, dub_ptr, dx
     dw_ptr += pid_b * 2 * (K + 1) * Dim
     for i in tl.static_range(2 * (K + 1)):
         tl.store(dw_ptr + i * Dim + offs_d, acc[i], mask=mask_d)
-
-
-def _device(x):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _channels_contiguous(t):

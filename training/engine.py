@@ -223,8 +223,7 @@ class Run:
         # the convs: with our Triton scan, our Triton conv kernel (models/conv_triton.py); with mamba-ssm's scan,
         # causal-conv1d's kernel when installed, except under torch.compile, which fuses our PyTorch conv (and its
         # SiLU) with the ops around it and would break its graph at the package's kernel
-        self.causal_conv = device.type == "cuda" and self.scan == "cuda" and causal_conv1d_available() and \
-            not cfg.compile
+        self.causal_conv = self.scan == "cuda" and causal_conv1d_available() and not cfg.compile
         self.model.set_kernels(self.scan, self.causal_conv)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, device)
         self.pos = Position()
