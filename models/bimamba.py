@@ -86,9 +86,10 @@ class BiMambaMixer(nn.Module):
                                   self.conv1d_b.weight.squeeze(1), self.conv1d_b.bias)
         return self._conv(x, self.conv1d, False), self._conv(x, self.conv1d_b, True)
 
-    def _direction(self, x, z, x_proj, dt_proj, A_log, D, reverse):
-        """One scan direction over x (the conv's output), z: (B, L, D_in) -> (B, D_in, L). The backward direction
-        (reverse) scans the tokens from last to first; its output comes back in the tokens' order."""
+    def _direction(self, x, z, x_proj, dt_proj, A_log, D, reverse, add=None):
+        """One scan direction over x (the conv's output), z: (B, L, D_in) -> half its output, plus add when given
+        (B, D_in, L). The backward direction (reverse) scans the tokens from last to first; its output comes back in
+        the tokens' order."""
         x_dbl = x_proj(x)                                                  # (B, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ dt_proj.weight.t()                                       # (B, L, D_in); bias goes in the scan
@@ -96,18 +97,21 @@ class BiMambaMixer(nn.Module):
         scan = get_scan_fn(self.scan_backend)
         # (B, L, *) activations go in as (B, *, L) views: the Triton kernel reads them without copies
         return scan(x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D.float(),
-                    z=z.transpose(1, 2), delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse)
+                    z=z.transpose(1, 2), delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse,
+                    out_scale=0.5, out_add=add)
 
     def forward(self, hidden):
         """hidden: (B, L, d_model) -> (B, L, d_model)."""
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)                       # (B, L, D_in) each
+        # x and z as two products, not one split in two: the backward then sums their input gradients in the
+        # matrix multiplies instead of concatenating dx and dz into a copy first (docs/SPEED.md)
+        w_x, w_z = self.in_proj.weight.chunk(2)
+        x, z = F.linear(hidden, w_x), F.linear(hidden, w_z)                # (B, L, D_in) each
         u_f, u_b = self._convs(x)
-        y_f = self._direction(u_f, z, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
-        y_b = self._direction(u_b, z, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True)
-        # averaged as (B, L, D_in), the layout the scans store and out_proj reads: as (B, D_in, L), torch.compile
-        # wrote the mean transposed and then copied it back (docs/SPEED.md, "The mixer's convs")
-        y = (y_f.transpose(1, 2) + y_b.transpose(1, 2)) / 2
-        return self.out_proj(y)
+        # the directions' mean, (y_f + y_b) / 2, in the scans' epilogues: the second adds half its output to half
+        # the first's, so no separate kernel reads both and none halves the gradient (docs/SPEED.md)
+        y = self._direction(u_f, z, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
+        y = self._direction(u_b, z, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True, add=y)
+        return self.out_proj(y.transpose(1, 2))
 
 
 def _init_dt_proj(dt_proj, dt_rank, dt_min, dt_max, dt_init_floor):

@@ -75,7 +75,8 @@ def macs_per_image(model):
     cfg = model.cfg
     scans = []
 
-    def stand_in(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
+    def stand_in(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False,
+                 out_scale=1.0, out_add=None):
         scans.append((u.shape[1], u.shape[2], A.shape[1]))     # (D_inner, L, N) per image
         return torch.zeros_like(u)
 

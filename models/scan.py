@@ -9,9 +9,11 @@ Every backend has the signature of mamba-ssm's ``selective_scan_fn``:
     h_t    = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t       h: (B, D, N)
     y_t    = <C_t, h_t> + D * u_t
     out_t  = y_t * silu(z_t)                         (when z is given)
+    out_t  = out_scale * out_t + out_add_t           (out_add optional, (B, D, L); our addition, not mamba-ssm's)
 
 plus ``reverse``: scan from the last step to the first (the same as flipping every (B, *, L) input along L, scanning
-and flipping the output back). Vim's backward direction uses it.
+and flipping the output back). Vim's backward direction uses it, and the mixer averages its two directions with the
+epilogue: the second scan adds half its output to half the first's.
 
 Backends: ``ref`` (pure PyTorch, runs anywhere), ``cuda`` (mamba-ssm's kernel) and ``triton`` (our kernel for short
 sequences, ``models/scan_triton.py``). ``auto`` takes the fastest one that can run on the device: triton on CUDA (then
@@ -25,10 +27,11 @@ import torch.nn.functional as F
 SCAN_CHOICES = ("auto", "ref", "cuda", "triton")
 
 
-def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False,
+                       out_scale=1.0, out_add=None):
     """Pure-PyTorch selective scan in fp32; shapes as in the module docstring."""
     if reverse:
-        return _flipped(selective_scan_ref, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return _flipped(selective_scan_ref, u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_scale, out_add)
     dtype_in = u.dtype
     u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
     if delta_bias is not None:
@@ -47,24 +50,33 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         y = y + u * D.float()[:, None]
     if z is not None:
         y = y * F.silu(z.float())
+    y = y * out_scale
+    if out_add is not None:
+        y = y + out_add.float()
     return y.to(dtype_in)
 
 
-def _flipped(scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _flipped(scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_scale, out_add):
     """A reverse scan from a forward one: flip the sequences, scan, flip back."""
     u, delta, B, C = (t.flip(-1) for t in (u, delta, B, C))
-    z = None if z is None else z.flip(-1)
-    return scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus).flip(-1)
+    z, out_add = (None if t is None else t.flip(-1) for t in (z, out_add))
+    return scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                out_scale=out_scale, out_add=out_add).flip(-1)
 
 
-def _mamba_ssm_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
-    """mamba-ssm's kernel, which wants contiguous inputs and scans forward only."""
+def _mamba_ssm_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False,
+                    out_scale=1.0, out_add=None):
+    """mamba-ssm's kernel, which wants contiguous inputs and scans forward only; out_scale and out_add are applied
+    after it (it has no such epilogue)."""
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     if reverse:
-        return _flipped(_mamba_ssm_scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return _flipped(_mamba_ssm_scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_scale, out_add)
     u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
     z = None if z is None else z.contiguous()
-    return selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    out = selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    if out_scale != 1.0:
+        out = out * out_scale
+    return out if out_add is None else out + out_add
 
 
 def mamba_ssm_available():

@@ -8,6 +8,7 @@ Same signature and semantics as ``models.scan.selective_scan_ref`` (and mamba-ss
     h_t    = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t  h: (B, D, N), h_{-1} = 0
     y_t    = <C_t, h_t> + D * u_t
     out_t  = y_t * silu(z_t)                                   (when z is given)
+    out_t  = out_scale * out_t + out_add_t                     (out_add optional: the mixer's mean of its directions)
 
 plus ``reverse``: scan from the last step to the first, reading the same memory (Vim's backward direction).
 Inputs may be fp32, fp16 or bf16 with any strides; arithmetic is fp32. N is at most 32.
@@ -212,13 +213,13 @@ def _lane_loads(u_ptr, dt_ptr, z_ptr, g_ptr, t0, L, s_ul, s_tl, s_zl, s_gl,
 
 
 @triton.jit
-def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
-                Dim, L,
+def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, add_ptr, out_ptr,
+                Dim, L, scale,
                 s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
-                s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
+                s_zb, s_zd, s_zl, s_ab, s_ad, s_al, s_ob, s_od, s_ol,
                 N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                PACKED: tl.constexpr, GROUP: tl.constexpr):
+                PACKED: tl.constexpr, GROUP: tl.constexpr, HAS_ADD: tl.constexpr):
     pid_b = tl.program_id(1).to(tl.int64)
     lane = tl.arange(0, BLOCK_D)
     offs_d = tl.program_id(0) * BLOCK_D + lane
@@ -228,19 +229,20 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_
     u_ptr += pid_b * s_ub + offs_c * s_ud  # per-lane pointers: the loads below add only the step's offset
     dt_ptr += pid_b * s_tb + offs_c * s_td
     z_ptr += pid_b * s_zb + offs_c * s_zd
+    add_ptr += pid_b * s_ab + offs_c * s_ad
     B_ptr += pid_b * s_Bb
     C_ptr += pid_b * s_Cb
     out_ptr += pid_b * s_ob
     h = ()
     for n in tl.static_range(BLOCK_N):
         h = h + (tl.zeros((BLOCK_D,), tl.float32),)
-    nxt = (_lane_loads(u_ptr, dt_ptr, z_ptr, u_ptr, 0, L, s_ul, s_tl, s_zl, 0, GROUP, HAS_Z, False, REVERSE),
+    nxt = (_lane_loads(u_ptr, dt_ptr, z_ptr, add_ptr, 0, L, s_ul, s_tl, s_zl, s_al, GROUP, HAS_Z, HAS_ADD, REVERSE),
            _spread(B_ptr, s_Bl, s_Bn, 0, L, lane, GROUP, N, BLOCK_N, PACKED, REVERSE),
            _spread(C_ptr, s_Cl, s_Cn, 0, L, lane, GROUP, N, BLOCK_N, PACKED, REVERSE))
     for g in range(0, tl.cdiv(L, GROUP)):
         cur = nxt
         t0 = (g + 1) * GROUP  # the next group's loads go out before this group computes
-        nxt = (_lane_loads(u_ptr, dt_ptr, z_ptr, u_ptr, t0, L, s_ul, s_tl, s_zl, 0, GROUP, HAS_Z, False,
+        nxt = (_lane_loads(u_ptr, dt_ptr, z_ptr, add_ptr, t0, L, s_ul, s_tl, s_zl, s_al, GROUP, HAS_Z, HAS_ADD,
                            REVERSE),
                _spread(B_ptr, s_Bl, s_Bn, t0, L, lane, GROUP, N, BLOCK_N, PACKED, REVERSE),
                _spread(C_ptr, s_Cl, s_Cn, t0, L, lane, GROUP, N, BLOCK_N, PACKED, REVERSE))
@@ -267,6 +269,9 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_
             if HAS_Z:
                 zf = z_r.to(tl.float32)
                 y = y * zf * _sigmoid(zf)
+            y = y * scale
+            if HAS_ADD:
+                y += steps[k][3].to(tl.float32)
             tl.store(out_ptr + p * s_ol + offs_d * s_od, y.to(out_ptr.dtype.element_ty), mask=mask_d & live)
 
 
@@ -371,7 +376,7 @@ def _chunk_end(h, steps, B_regs, bias, A2, mask_d, CHUNK: tl.constexpr, BLOCK_D:
 @triton.jit
 def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
                 du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, ck_ptr,
-                Dim, L,
+                Dim, L, scale,
                 s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
                 s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
                 s_dub, s_dud, s_dul, s_dtb, s_dtd, s_dtl, s_dzb, s_dzd, s_dzl,
@@ -469,7 +474,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 u, dt, x = kept[k]
                 Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
                 Ct = _step_bc(cur[3], k, BLOCK_D, BLOCK_N, PACKED)
-                dy = tl.where(m_d, ld[k][3].to(tl.float32), 0.0)  # 0 past the sequence: such a step passes g through
+                dy = tl.where(m_d, ld[k][3].to(tl.float32) * scale, 0.0)  # 0 past the sequence: g passes through
                 if HAS_Z:
                     dz, dy = _gate_back(dy, ld[k][2], u, Ct, hs[k + 1], Dv, BLOCK_N)
                     tl.store(dz_ptr + p * s_dzl + offs_d * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
@@ -517,20 +522,22 @@ def _meta(u, A, B, C, D, z, delta_bias, delta_softplus, reverse):
                 PACKED=_packed(B, C))
 
 
-def _forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+def _forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_add=None, out_scale=1.0):
     """-> (grid, arguments, compile-time constants, out) of the forward kernel's launch."""
     Bsz, Dim, L = u.shape
     out = _empty_like_bdl(u)
     meta = _meta(u, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     grid = (triton.cdiv(Dim, LANES), Bsz)
     z_strides = z.stride() if z is not None else (0, 0, 0)
+    add_strides = out_add.stride() if out_add is not None else (0, 0, 0)
     args = (u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-            delta_bias if delta_bias is not None else u, out, Dim, L, *u.stride(), *delta.stride(), *A.stride(),
-            *B.stride(), *C.stride(), *z_strides, *out.stride())
-    return grid, args, dict(meta, GROUP=GROUP, num_warps=1), out
+            delta_bias if delta_bias is not None else u, out_add if out_add is not None else u, out, Dim, L,
+            float(out_scale), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_strides,
+            *add_strides, *out.stride())
+    return grid, args, dict(meta, HAS_ADD=out_add is not None, GROUP=GROUP, num_warps=1), out
 
 
-def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale=1.0):
     """-> (grid, arguments, compile-time constants but PASS, output buffers) of the backward kernel's two launches,
     one per pass (the registers tool, tools/scan_regs.py, compiles exactly these without a GPU)."""
     Bsz, Dim, L = u.shape
@@ -551,20 +558,22 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     args = (u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
             delta_bias if delta_bias is not None else u, dout,
             du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, dbias, ck,
-            Dim, L, *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_strides,
+            Dim, L, float(out_scale), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_strides,
             *dout.stride(), *du.stride(), *ddelta.stride(), *(dz.stride() if dz is not None else (0, 0, 0)))
     meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, num_warps=1)
     return grid, args, meta, (du, ddelta, dz, dB, dC, dA, dD, dbias)
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    grid, args, meta, out = _forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_add=None, out_scale=1.0):
+    grid, args, meta, out = _forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_add,
+                                            out_scale)
     _fwd_kernel[grid](*args, **meta)
     return out
 
 
-def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    grid, args, meta, buffers = _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale=1.0):
+    grid, args, meta, buffers = _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
+                                                 out_scale)
     _bwd_kernel[grid](*args, **meta, PASS=1)
     _bwd_kernel[grid](*args, **meta, PASS=2)
     # the gradients in the inputs' layouts and dtypes, per-batch partials summed
@@ -594,44 +603,51 @@ def scan_op(name, forward, backward):
     ``backward`` (``_forward``'s and ``_backward``'s signatures) as the custom ops vim::<name>_fwd and _bwd, so that
     torch.compile treats them as opaque calls and autograd knows the backward."""
     def fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-            delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool) -> Tensor:
+            delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool, out_add: Optional[Tensor],
+            out_scale: float) -> Tensor:
         with _device(u):
-            return forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+            return forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_add, out_scale)
 
     def bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-            z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool) -> List[Tensor]:
+            z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool,
+            out_scale: float) -> List[Tensor]:
         with _device(u):
-            grads = backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+            grads = backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale)
         return [u.new_empty(0) if g is None else g for g in grads]
 
     fwd_op = torch.library.custom_op(f"vim::{name}_fwd", fwd, mutates_args=())
     bwd_op = torch.library.custom_op(f"vim::{name}_bwd", bwd, mutates_args=())
 
     @fwd_op.register_fake
-    def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_add, out_scale):
         return _empty_like_bdl(u)
 
     @bwd_op.register_fake
-    def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale):
         return [u.new_empty(0) if g is None else g for g in _grad_layouts(u, delta, A, B, C, D, z, delta_bias)]
 
     def setup_context(ctx, inputs, output):
-        *tensors, ctx.delta_softplus, ctx.reverse = inputs
+        *tensors, ctx.delta_softplus, ctx.reverse, out_add, ctx.out_scale = inputs
+        ctx.has_add = out_add is not None
         ctx.save_for_backward(*tensors)
 
     def scan_backward(ctx, dout):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        grads = bwd_op(dout, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.reverse)
+        grads = bwd_op(dout, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.reverse, ctx.out_scale)
         inputs = (u, delta, A, B, C, D, z, delta_bias)
-        return (*(None if x is None else g for g, x in zip(grads, inputs)), None, None)
+        # out_add's gradient is dout itself: passed on, not copied
+        return (*(None if x is None else g for g, x in zip(grads, inputs)), None, None,
+                dout if ctx.has_add else None, None)
 
     fwd_op.register_autograd(scan_backward, setup_context=setup_context)
 
-    def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
+    def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False,
+             out_scale=1.0, out_add=None):
         Bsz, Dim, L = u.shape
         N = A.shape[1]
-        if delta.shape != u.shape or (z is not None and z.shape != u.shape):
-            raise ValueError("u, delta and z must all be (B, D, L)")
+        if delta.shape != u.shape or (z is not None and z.shape != u.shape) or \
+                (out_add is not None and out_add.shape != u.shape):
+            raise ValueError("u, delta, z and out_add must all be (B, D, L)")
         if A.shape != (Dim, N) or A.is_complex():
             raise ValueError(f"A must be a real (D, N) = ({Dim}, N) tensor, got {tuple(A.shape)} {A.dtype}")
         if N > LANES:
@@ -642,12 +658,13 @@ def scan_op(name, forward, backward):
             raise ValueError(f"D and delta_bias must be ({Dim},)")
         if Bsz > 65535:  # the batch is the second grid axis
             raise ValueError(f"batch {Bsz} is above 65535; split it")
-        return fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse))
+        return fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), out_add,
+                      float(out_scale))
 
     scan.__doc__ = f"""Selective scan with mamba-ssm's ``selective_scan_fn`` signature (shapes and semantics in
-    models/scan_triton.py's docstring), by the {name} kernels. Differentiable w.r.t. u, delta, A, B, C, D, z and
-    delta_bias. Returns (B, D, L) in u's dtype, stored (B, L, D)-contiguous when u's channels are contiguous (a
-    ``.transpose(1, 2)`` view), else contiguous."""
+    models/scan_triton.py's docstring) and the output epilogue ``out_scale * out + out_add``, by the {name} kernels.
+    Differentiable w.r.t. u, delta, A, B, C, D, z, delta_bias and out_add. Returns (B, D, L) in u's dtype, stored
+    (B, L, D)-contiguous when u's channels are contiguous (a ``.transpose(1, 2)`` view), else contiguous."""
     return scan
 
 

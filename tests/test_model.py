@@ -182,6 +182,28 @@ def test_backward_direction_scans_the_flipped_sequence():
     assert not torch.allclose(mixer(h.flip(1)), out.flip(1), atol=1e-4)  # the swap is needed: directions differ
 
 
+def test_mixer_is_vims_bidirectional_mixer_written_out():
+    """The mixer (x and z as two products, the directions' mean in the scans' epilogues) equals Vim's v2 mixer written
+    out plainly: in_proj split in two; per direction, on the tokens in order or flipped, the causal conv + SiLU,
+    x_proj, dt_proj with its bias, the scan with the z gate; the flipped one flipped back; the mean; out_proj."""
+    from models.bimamba import conv1d_silu
+    from models.scan import selective_scan_ref
+    mixer, h = mixer_and_input(2)
+    x, z = mixer.in_proj(h).chunk(2, dim=-1)
+    ys = []
+    for suffix, flip in (("", False), ("_b", True)):
+        xs, zs = (x.flip(1), z.flip(1)) if flip else (x, z)
+        conv = getattr(mixer, "conv1d" + suffix)
+        u = conv1d_silu(xs, conv.weight.squeeze(1), conv.bias)
+        dt, B, C = getattr(mixer, "x_proj" + suffix)(u).split([mixer.dt_rank, mixer.d_state, mixer.d_state], -1)
+        dt = getattr(mixer, "dt_proj" + suffix)(dt)
+        A = -torch.exp(getattr(mixer, "A_log" if not suffix else "A_b_log"))
+        y = selective_scan_ref(u.mT, dt.mT, A, B.mT, C.mT, getattr(mixer, "D" + suffix), z=zs.mT,
+                               delta_softplus=True).mT
+        ys.append(y.flip(1) if flip else y)
+    torch.testing.assert_close(mixer(h), mixer.out_proj((ys[0] + ys[1]) / 2), rtol=1e-5, atol=1e-6)
+
+
 def silence(mixer, suffix):
     """Make one direction output exactly zero: B = C = 0 (x_proj rows) and D = 0."""
     with torch.no_grad():

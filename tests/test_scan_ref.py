@@ -90,6 +90,21 @@ def test_options_change_the_result():
     assert not torch.allclose(full, selective_scan_ref(u, delta.abs(), A, B, C, **kw, delta_softplus=False))
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_out_scale_and_out_add_are_the_epilogue(reverse):
+    """out_scale * scan + out_add, forward and reverse (out_add is in the tokens' order either way), and out_add's
+    gradient is the output's."""
+    (u, delta, A, B, C), kw = make_inputs(7, True, True, True, True)
+    add = torch.randn(BATCH, DIM, LENGTH, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    plain = selective_scan_ref(u, delta, A, B, C, **kw, delta_softplus=True, reverse=reverse)
+    out = selective_scan_ref(u, delta, A, B, C, **kw, delta_softplus=True, reverse=reverse, out_scale=0.5,
+                             out_add=add)
+    torch.testing.assert_close(out, 0.5 * plain + add)
+    w = torch.randn(BATCH, DIM, LENGTH)
+    (g,) = torch.autograd.grad((out * w).sum(), add)
+    torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_output_dtype_follows_u(dtype):
     (u, delta, A, B, C), kw = make_inputs(11, True, True, True, True)

@@ -19,14 +19,16 @@ import torch
 from conftest import ROOT, run_checks, run_interpreted
 from models.scan import selective_scan_ref
 
-GRADS = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias")
+GRADS = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dout_add")
 
 
-def _case(B, D, N, L, has_D=True, has_z=True, bias=True, softplus=True, layout="bld", seed=0, reverse=False):
+def _case(B, D, N, L, has_D=True, has_z=True, bias=True, softplus=True, layout="bld", seed=0, reverse=False,
+          add=False):
+    """add: the output epilogue out_scale=0.5, out_add (as the mixer's second direction calls it)."""
     opts = "".join(flag for flag, on in (("D", has_D), ("z", has_z), ("b", bias), ("sp", softplus),
-                                         ("rev", reverse)) if on) or "plain"
+                                         ("rev", reverse), ("add", add)) if on) or "plain"
     return dict(id=f"B{B}-D{D}-N{N}-L{L}-{opts}-{layout}", B=B, D=D, N=N, L=L, has_D=has_D, has_z=has_z,
-                bias=bias, softplus=softplus, layout=layout, seed=seed, reverse=reverse)
+                bias=bias, softplus=softplus, layout=layout, seed=seed, reverse=reverse, add=add)
 
 
 # Small cases (the interpreter costs ~60 ms per program and step): L = 1, a partial chunk, several chunks with a
@@ -43,6 +45,8 @@ CASES = [
     _case(1, 32, 16, 12, has_D=False, has_z=False, seed=5),
     _case(2, 24, 16, 17, seed=6, reverse=True),
     _case(1, 8, 4, 6, has_D=False, bias=False, layout="bdl", seed=7, reverse=True),
+    _case(1, 24, 16, 17, seed=8, add=True),
+    _case(2, 8, 4, 10, has_z=False, layout="bdl", seed=9, reverse=True, add=True),
 ]
 # The backward's chunk lengths and the forward's group of steps loaded together (one B/C register holds 4 steps at
 # 16 bf16 states, so 5 steps take two), other than the configured ones that run every case above: on cases with a
@@ -51,7 +55,8 @@ CASES = [
 VARIANTS = {"chunk1": dict(CHUNK=1), "chunk2": dict(CHUNK=2), "chunk5": dict(CHUNK=5),
             "group1": dict(GROUP=1), "group5": dict(GROUP=5)}
 VARIANT_CASES = [CASES[2], CASES[4], CASES[8]]
-BF16_CASES = [CASES[2], CASES[8], _case(2, 40, 16, 9, seed=11)]  # (B, L, N) B and C, even N: the packed loads
+# (B, L, N) B and C, even N: the packed loads; the last as the mixer's second direction calls it
+BF16_CASES = [CASES[2], CASES[8], _case(2, 40, 16, 9, seed=11, reverse=True, add=True)]
 SHORT_CASES = [CASES[0], CASES[7]]  # L = 1 and L = 12
 
 
@@ -79,15 +84,18 @@ def make_inputs(case, device, dtype=torch.float32):
         z=seq(torch.randn(Bsz, L, D, generator=g)) if case["has_z"] else None,
         delta_bias=(torch.randn(D, generator=g) * 0.5).to(device) if case["bias"] else None,
         dout=seq(torch.randn(Bsz, L, D, generator=g)),
+        out_add=seq(torch.randn(Bsz, L, D, generator=g)) if case.get("add") else None,
     )
 
 
 def run_scan(fn, inputs, softplus, reverse=False):
-    """Output and gradients (None for absent inputs) of one scan function."""
-    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-    leaves = {k: inputs[k].detach().clone().requires_grad_() for k in names if inputs[k] is not None}
+    """Output and gradients (None for absent inputs) of one scan function; with out_add, out_scale is 0.5."""
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "out_add")
+    leaves = {k: inputs[k].detach().clone().requires_grad_() for k in names if inputs.get(k) is not None}
+    epilogue = dict(out_scale=0.5, out_add=leaves["out_add"]) if "out_add" in leaves else {}
     out = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves.get("D"),
-             z=leaves.get("z"), delta_bias=leaves.get("delta_bias"), delta_softplus=softplus, reverse=reverse)
+             z=leaves.get("z"), delta_bias=leaves.get("delta_bias"), delta_softplus=softplus, reverse=reverse,
+             **epilogue)
     grads = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), inputs["dout"])))
     return dict(out=out, **{"d" + k: grads.get(k) for k in names})
 

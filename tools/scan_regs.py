@@ -73,7 +73,7 @@ def compile_kernel(kind, arch):
         signature[name] = kind_
         if kind_ == "constexpr":
             constexprs[(i,)] = args[i]
-        else:
+        elif isinstance(spec, str):  # (a float argument has no specialisation)
             attrs[(i,)] = CUDABackend.parse_attr(spec)
     source = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=meta["num_warps"]))
