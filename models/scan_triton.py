@@ -32,8 +32,8 @@ load goes out a group of steps before the steps that use it:
 Backward, with nothing saved by the forward but its inputs, in two passes over the sequence, two launches of one
 kernel (PASS 1, then 2: pass 1 needs a quarter of pass 2's registers, and as its own launch it runs with more warps
 resident; 0.5-5.5% faster than one launch, docs/results/scan_ab_split_maxnreg_h100.log):
-  pass 1  runs the recurrence forward and stores the state at the end of every chunk of CHUNK steps (an fp32
-          scratch of B*D*N*L/CHUNK values, freed when the backward returns);
+  pass 1  runs the recurrence forward and stores the state at the end of every chunk of CHUNK steps (a scratch of
+          B*D*N*L/CHUNK values, freed when the backward returns);
   pass 2  walks the chunks from last to first. It recomputes the chunk's states from the stored one into registers,
           then steps back through them with the adjoint state
               g_t = dL/dh_t = C_t*dy_t + a_{t+1}*g_{t+1},      a_t = exp(delta_t*A),  dy = dout*silu(z)
@@ -46,6 +46,14 @@ resident; 0.5-5.5% faster than one launch, docs/results/scan_ab_split_maxnreg_h1
           that all channel blocks share; dA, dD and d(delta_bias) are per-batch partials that torch sums afterwards.
 The chunk's states and the kept per-step values live in registers: CHUNK trades scratch traffic (1/CHUNK of all the
 states, written and read once) against registers, and so resident warps.
+
+The scratch is fp32 for fp32 inputs and bf16 for 16-bit ones. Writing it is most of pass 1's time: at 257 tokens,
+batch 512 the fp32 scratch was 2.1 GB a call, and pass 1 ran at 76% of the memory's bandwidth. In bf16 the backward
+takes 7.5-9.5% less time at the measured shapes (docs/SPEED.md). Each chunk's first state is then rounded to bf16 (8
+bits of mantissa), as the activations around the scan already are; outputs and gradients at the model's shapes stay
+within the bf16 tests' tolerances. Storing every other chunk's state instead (fp32, the odd chunks' first state
+recomputed in pass 2 from the even chunk before) halves the scratch too, but gained nothing (0.3% faster to 1.2%
+slower), likely because pass 2 then computes with loads it has only just issued.
 """
 import contextlib
 import os
@@ -343,9 +351,9 @@ def _adjoint_step(u, dt, x, dy, Bt, Ct, hp, hc, q, dA_acc, A2, Dv, zero, m_d, BL
 
 @triton.jit
 def _store_state(ptr, lane, h, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A chunk's end state into the scratch: BLOCK_N rows of BLOCK_D fp32."""
+    """A chunk's end state into the scratch: BLOCK_N rows of BLOCK_D values in the scratch's dtype."""
     for n in tl.static_range(BLOCK_N):
-        tl.store(ptr + n * BLOCK_D + lane, h[n])
+        tl.store(ptr + n * BLOCK_D + lane, h[n].to(ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -353,7 +361,7 @@ def _load_state(ptr, lane, mask, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """_store_state's state back as BLOCK_N channel vectors; zeros where mask is off (the first chunk)."""
     h = ()
     for n in tl.static_range(BLOCK_N):
-        h = h + (tl.load(ptr + n * BLOCK_D + lane, mask=mask, other=0.0),)
+        h = h + (tl.load(ptr + n * BLOCK_D + lane, mask=mask, other=0.0).to(tl.float32),)
     return h
 
 
@@ -553,7 +561,8 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     dD = torch.empty(Bsz, Dim, **f32)
     dbias = torch.empty(Bsz, Dim, **f32)
     slots = triton.cdiv(L, chunk) - 1
-    ck = torch.empty(max(slots * grid[0] * Bsz * block_n * LANES, 1), **f32)
+    ck_dtype = torch.float32 if u.dtype == torch.float32 else torch.bfloat16
+    ck = torch.empty(max(slots * grid[0] * Bsz * block_n * LANES, 1), dtype=ck_dtype, device=u.device)
     z_strides = z.stride() if z is not None else (0, 0, 0)
     args = (u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
             delta_bias if delta_bias is not None else u, dout,

@@ -196,8 +196,9 @@ def test_interpreted_bf16_matches_reference(case, interpreted_results):
 
 
 def test_backward_scratch_holds_every_chunk_start_but_the_first():
-    """Pass 1 stores the state that starts each chunk but the first (fp32, per block of 32 channels and batch element);
-    pass 2 reads them back. One chunk (L <= CHUNK) stores nothing (a one-value placeholder)."""
+    """Pass 1 stores the state that starts each chunk but the first (per block of 32 channels and batch element: fp32
+    for fp32 inputs, else bf16); pass 2 reads them back. One chunk (L <= CHUNK) stores nothing (a one-value
+    placeholder)."""
     pytest.importorskip("triton")
     import models.scan_triton as st
     for dtype, n, L in [(torch.bfloat16, 16, 7), (torch.float32, 16, 13), (torch.float32, 4, 3),
@@ -206,7 +207,7 @@ def test_backward_scratch_holds_every_chunk_start_but_the_first():
         grid, args, meta, _ = st._backward_launch(x["dout"], x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"],
                                                   x["z"], x["delta_bias"], True, False)
         ck = args[17]
-        assert grid == (2, 2) and "PASS" not in meta and ck.dtype == torch.float32
+        assert grid == (2, 2) and "PASS" not in meta and ck.dtype == dtype
         chunks = -(-L // meta["CHUNK"])
         assert ck.numel() == max((chunks - 1) * grid[0] * grid[1] * meta["BLOCK_N"] * 32, 1), (dtype, n, L)
 
