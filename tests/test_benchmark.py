@@ -230,3 +230,16 @@ def test_scan_timing_leaves_no_gradients_behind():
     assert 0 < ms_fwd and 0 < ms
     assert all(x.requires_grad and x.grad is None for x in inputs)
     assert seen and all(stride[1] == 1 for stride in seen)  # (B, D, L) views of (B, L, D) memory
+
+
+def test_profile_step_tells_the_scan_and_conv_kernels_by_name():
+    """The profile's shares: our Triton kernels by their exact names, mamba-ssm's and causal-conv1d's by theirs, and
+    never torch.compile's kernels, whose names can quote the custom op they feed (or our conv kernels as the scan's)."""
+    from tools.profile_step import _kernel_of
+    assert [_kernel_of(n) for n in ("_fwd_kernel", "_bwd_kernel", "void selective_scan_bwd_kernel<K>(P)")] == \
+        ["selective scan"] * 3
+    assert [_kernel_of(n) for n in ("_conv_fwd_kernel", "_conv_bwd_kernel", "void causal_conv1d_fwd_kernel<K>(P)")] == \
+        ["conv"] * 3
+    for name in ("triton_poi_fused_div_selective_scan_bwd_transpose_view_5", "triton_poi_fused_add_conv_pair_bwd_3",
+                 "nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN"):
+        assert _kernel_of(name) is None, name

@@ -4,7 +4,8 @@
     python tools/profile_step.py --arch mamba_small --batch_size 512 --compile
 
 The model is tokenized as training tokenizes it from scratch (the conv stem at stride 2: 257 tokens) unless --stem or
---patch_size say otherwise; the last line gives the selective scan's share of the GPU time.
+--patch_size say otherwise; the last two lines give the selective scan's and the mixer's convs' shares of the GPU
+time.
 """
 import argparse
 import os
@@ -58,9 +59,24 @@ def main(argv=None):
     print(events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in kernels)
-    scan_time = sum(e.self_device_time_total for e in kernels if "_fwd_kernel" in e.key or "_bwd_kernel" in e.key)
-    print(f"selective scan kernels: {scan_time / 1e3:.1f} ms of {total / 1e3:.1f} ms of GPU time over 3 steps "
-          f"({100 * scan_time / max(total, 1):.0f}%)")
+    for what in ("selective scan", "conv"):
+        time = sum(e.self_device_time_total for e in kernels if _kernel_of(e.key) == what)
+        print(f"{what} kernels: {time / 1e3:.1f} ms of {total / 1e3:.1f} ms of GPU time over 3 steps "
+              f"({100 * time / max(total, 1):.0f}%)")
+
+
+def _kernel_of(name):
+    """'selective scan', 'conv' (the mixer's depthwise conv + SiLU) or None, from a GPU kernel's name: our Triton
+    kernels by their exact names, mamba-ssm's and causal-conv1d's by theirs. torch.compile's own kernels (triton_*)
+    are neither, even where their names quote a custom op they feed."""
+    if name.startswith("triton_"):
+        return None
+    if name in ("_fwd_kernel", "_bwd_kernel") or "selective_scan_fwd_kernel" in name or \
+            "selective_scan_bwd_kernel" in name:
+        return "selective scan"
+    if name in ("_conv_fwd_kernel", "_conv_bwd_kernel") or "causal_conv1d" in name:
+        return "conv"
+    return None
 
 
 if __name__ == "__main__":
