@@ -275,6 +275,14 @@ def test_too_many_states_is_refused():
         selective_scan_triton(x["u"], x["delta"], x["A"], x["B"], x["C"])
 
 
+def test_an_epilogue_addend_of_another_shape_is_refused():
+    pytest.importorskip("triton")
+    from models.scan_triton import selective_scan_triton
+    x = make_inputs(_case(1, 8, 4, 6), "cpu")
+    with pytest.raises(ValueError, match="out_add must all be"):
+        selective_scan_triton(x["u"], x["delta"], x["A"], x["B"], x["C"], out_scale=0.5, out_add=x["u"][..., :5])
+
+
 # ---------------------------------------------------------------- GPU, compiled
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
