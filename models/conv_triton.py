@@ -1,6 +1,6 @@
 """Vim's two depthwise convs + SiLU (one per scan direction) as one Triton kernel each way, for the mixer.
 
-    x: (B, L, D), channels contiguous (a view into in_proj's output)    w_f, w_b: (D, K)    b_f, b_b: (D,)
+    x: (B, L, D), channels contiguous (in_proj's x product)             w_f, w_b: (D, K)    b_f, b_b: (D,)
     u_f[t] = silu(b_f + sum_j w_f[j] * x[t - (K-1) + j])     the forward direction's causal conv
     u_b[t] = silu(b_b + sum_j w_b[j] * x[t + (K-1) - j])     the backward direction's: flip, causal conv, flip back
     -> u_f, u_b: (B, L, D) contiguous, x's dtype; x is 0 outside the sequence; arithmetic is fp32

@@ -21,7 +21,8 @@ def _case(B, L, D, K=4, sliced=True, seed=0):
 
 
 # L = 1 and below the conv's width, one partial tile, several tiles with a partial last one; a partial channel block
-# and two blocks; widths 2-4; x as the model passes it (the first half of in_proj's output) and contiguous
+# and two blocks; widths 2-4; x as a view with strided rows (the first half of a wider tensor) and contiguous (as the
+# model passes it)
 CASES = [
     _case(2, 1, 8),
     _case(1, 3, 40, seed=1),
