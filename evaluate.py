@@ -192,7 +192,7 @@ def report(results, names):
 
 
 def run(args):
-    from models.bimamba import causal_conv1d_available
+    from models.bimamba import use_causal_conv1d
     from models.cost import macs_per_image, parameter_groups
     from models.scan import resolve_scan
     from models.weights import build_from, export_weights, read_weights
@@ -215,7 +215,7 @@ def run(args):
                           else "cpu")
     model.to(device)
     scan = resolve_scan("auto", device)
-    model.set_kernels(scan, scan == "cuda" and causal_conv1d_available())
+    model.set_kernels(scan, use_causal_conv1d(scan, compiled=False))
     amp = device.type == "cuda"  # as the trainer tests: bf16 autocast on CUDA, fp32 on the CPU
     mean, std = normalisation(info)
     logits = predict(model, images, mean, std, device, args.batch_size, amp)

@@ -20,6 +20,13 @@ def causal_conv1d_available():
     return importlib.util.find_spec("causal_conv1d") is not None
 
 
+def use_causal_conv1d(scan_backend, compiled):
+    """Whether the mixer's convs go to the causal-conv1d package's kernel: only with mamba-ssm's scan ("cuda"; our
+    Triton scan brings our Triton convs), when the package is installed, and not under torch.compile, which fuses our
+    PyTorch conv (and its SiLU) with the ops around it and would break its graph at the package's kernel."""
+    return scan_backend == "cuda" and not compiled and causal_conv1d_available()
+
+
 def conv1d_silu(x, weight, bias, reverse=False):
     """Depthwise causal conv + SiLU over the tokens. x: (B, L, D), weight: (D, K), bias: (D,) -> (B, L, D).
 

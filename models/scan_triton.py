@@ -204,8 +204,9 @@ def _step_bc(regs, k, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.c
 @triton.jit
 def _lane_loads(u_ptr, dt_ptr, z_ptr, g_ptr, t0, L, s_ul, s_tl, s_zl, s_gl,
                 K: tl.constexpr, HAS_Z: tl.constexpr, HAS_G: tl.constexpr, REVERSE: tl.constexpr):
-    """Per step of t0 .. t0+K-1 (clamped to the sequence): (u, delta, z, output gradient) as stored, from per-lane
-    pointers; z and the gradient are u's value where absent (never used then)."""
+    """Per step of t0 .. t0+K-1 (clamped to the sequence): (u, delta, z, g) as stored, from per-lane pointers; g is
+    the output gradient in the backward, out_add in the forward; z and g are u's value where absent (never used
+    then)."""
     out = ()
     for k in tl.static_range(K):
         p = _clamped(t0 + k, L, REVERSE)

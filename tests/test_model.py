@@ -380,3 +380,13 @@ def test_bad_stem():
     for stride in (1, 3, 8):
         with pytest.raises(ValueError, match="stride is 2 or 4"):
             build_model("mamba_tiny", 10, stem="conv", patch_size=stride)
+
+
+def test_causal_conv1d_only_with_mamba_ssms_scan_uncompiled_and_installed(monkeypatch):
+    import models.bimamba as bimamba
+    monkeypatch.setattr(bimamba, "causal_conv1d_available", lambda: True)
+    assert bimamba.use_causal_conv1d("cuda", compiled=False)
+    assert not bimamba.use_causal_conv1d("cuda", compiled=True)
+    assert not any(bimamba.use_causal_conv1d(scan, compiled=False) for scan in ("triton", "ref"))
+    monkeypatch.setattr(bimamba, "causal_conv1d_available", lambda: False)
+    assert not bimamba.use_causal_conv1d("cuda", compiled=False)

@@ -19,7 +19,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.bimamba import causal_conv1d_available  # noqa: E402
+from models.bimamba import use_causal_conv1d  # noqa: E402
 from models.scan import SCAN_CHOICES, resolve_scan  # noqa: E402
 from models.vim import VARIANTS, ConvStem, build_model, vim_config  # noqa: E402
 from training.config import DEFAULT_PATCH_SIZE  # noqa: E402
@@ -84,7 +84,7 @@ def run_row(kind, arch, width, depth, patch, batch, args, device):
         else:
             model = build_model(arch, 10, embed_dim=width, depth=depth, patch_size=patch, stem=args.stem).to(device)
             scan = resolve_scan(args.scan, device)
-            conv = scan == "cuda" and causal_conv1d_available() and not args.compile
+            conv = use_causal_conv1d(scan, args.compile)
             model.set_kernels(scan, conv)
             row.update(scan=scan, causal_conv1d=conv, compiled=args.compile, stem=args.stem,
                        compile_mode=args.compile_mode if args.compile else None)

@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.bimamba import causal_conv1d_available  # noqa: E402
+from models.bimamba import use_causal_conv1d  # noqa: E402
 from models.scan import SCAN_CHOICES, resolve_scan  # noqa: E402
 from models.vim import build_model  # noqa: E402
 from training.config import DEFAULT_PATCH_SIZE  # noqa: E402
@@ -38,7 +38,7 @@ def main(argv=None):
     patch = DEFAULT_PATCH_SIZE[args.stem] if args.patch_size is None else args.patch_size
     model = build_model(args.arch, 10, patch_size=patch, stem=args.stem).to(device)
     scan = resolve_scan(args.scan, device)
-    model.set_kernels(scan, scan == "cuda" and causal_conv1d_available() and not args.compile)
+    model.set_kernels(scan, use_causal_conv1d(scan, args.compile))
     opt = build_optimizer(model, 1e-3, 0.05, device)
     mean, std = MEAN_STD["cifar10"]
     step = TrainStep(model, opt, num_classes=10, mean=mean, std=std, amp=True,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 
-from models.bimamba import causal_conv1d_available
+from models.bimamba import use_causal_conv1d
 from models.scan import resolve_scan
 from models.pretrained import load_pretrained, matching_variant, pretrained_model_config, pretrained_normalisation
 from models.vim import build_model
@@ -220,10 +220,7 @@ class Run:
                                  stem=cfg.stem,
                                  **self.pretrained_shape).to(device)
         self.scan = resolve_scan(cfg.scan, device)
-        # the convs: with our Triton scan, our Triton conv kernel (models/conv_triton.py); with mamba-ssm's scan,
-        # causal-conv1d's kernel when installed, except under torch.compile, which fuses our PyTorch conv (and its
-        # SiLU) with the ops around it and would break its graph at the package's kernel
-        self.causal_conv = self.scan == "cuda" and causal_conv1d_available() and not cfg.compile
+        self.causal_conv = use_causal_conv1d(self.scan, cfg.compile)
         self.model.set_kernels(self.scan, self.causal_conv)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, device)
         self.pos = Position()
