@@ -308,6 +308,48 @@ def _sum_over_lanes(v, lane, LOG2N: tl.constexpr):
     return x
 
 
+# the shared-memory table's row: 32 lanes' values and 4 words of padding (see _smem_sum_asm)
+SMEM_ROW_BYTES = tl.constexpr(4 * (32 + 4))
+
+
+def _smem_sum_asm(rows=32, stride=SMEM_ROW_BYTES.value):
+    """PTX for _sum_rows_over_lanes: each lane stores its `rows` values as one column of a table in shared memory,
+    one row of `stride` bytes per value (scalar stores: the 32 lanes of a store fill one row's consecutive words),
+    then reads its own row back as 16-byte vectors and adds it up. Rows of 36 words (4 of padding) put the 8 rows
+    that a quarter warp's 16-byte loads touch at once on 8 different groups of banks, so neither side has bank
+    conflicts. Inputs $1..$rows are the values, then the lane's byte offsets: its column's (4 * lane) and its row's
+    (stride * lane)."""
+    lines = ["{", f".shared .align 16 .b8 buf[{rows * stride}];", ".reg .u32 w, r;", f".reg .f32 a<{rows}>;",
+             "mov.u32 w, buf;", f"add.u32 r, w, ${rows + 2};", f"add.u32 w, w, ${rows + 1};",
+             "bar.warp.sync -1;"]  # (no lane still reads the table's last use when it is written again)
+    lines += [f"st.shared.f32 [w+{v * stride}], ${v + 1};" for v in range(rows)]
+    lines += ["bar.warp.sync -1;"]
+    lines += [f"ld.shared.v4.f32 {{a{4 * i}, a{4 * i + 1}, a{4 * i + 2}, a{4 * i + 3}}}, [r+{16 * i}];"
+              for i in range(rows // 4)]
+    width = 1
+    while width < rows // 2:  # a pairwise tree: short chains of dependent adds
+        lines += [f"add.f32 a{i}, a{i}, a{i + width};" for i in range(0, rows, 2 * width)]
+        width *= 2
+    lines += [f"add.f32 $0, a0, a{rows // 2};", "}"]
+    return "\n".join(lines)
+
+
+SMEM_SUM_ASM = tl.constexpr(_smem_sum_asm())
+# The two sums over the lanes (dB_t's and dC_t's 16 states each) through shared memory rather than the reduce-scatter
+# of warp shuffles: 32 stores, 8 loads and 31 adds a step against 31 shuffles, 62 selects and 31 adds. Inline PTX,
+# which Triton's interpreter cannot run; there the reduce-scatter runs.
+SMEM_SUM = FAST_MATH
+
+
+@triton.jit
+def _sum_rows_over_lanes(dBp, dCp, lane):
+    """dB_t's and dC_t's per-lane parts (16 channel vectors each) summed over the warp's 32 lanes: lane l gets the
+    sum of dBp[l] (l < 16) or dCp[l - 16]."""
+    return tl.inline_asm_elementwise(SMEM_SUM_ASM, "=f," + "f," * 32 + "r,r",
+                                     dBp + dCp + (lane * 4, lane * SMEM_ROW_BYTES), dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
 @triton.jit
 def _gate_back(dy, z_raw, u, Ct, hc, Dv, BLOCK_N: tl.constexpr):
     """Back through out = y * silu(z): -> (dz, the gradient of y), with y = <C_t, h_t> + D*u recomputed."""
@@ -495,9 +537,16 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 tl.store(du_ptr + p * s_dul + offs_d * s_dud, du.to(du_ptr.dtype.element_ty), mask=m_d)
                 tl.store(ddt_ptr + p * s_dtl + offs_d * s_dtd, ddt.to(ddt_ptr.dtype.element_ty), mask=m_d)
                 # dB_t and dC_t: sums over the channels, scattered over the lanes, added to what other blocks add
-                m_s = lead & live
-                tl.atomic_add(dB_ptr + p * N + state, _sum_over_lanes(dBp, lane, LOG2N), mask=m_s, sem="relaxed")
-                tl.atomic_add(dC_ptr + p * N + state, _sum_over_lanes(dCp, lane, LOG2N), mask=m_s, sem="relaxed")
+                if SMEM_SUM and BLOCK_N == 16:
+                    dBC = tl.where(lane < 16, dB_ptr, dC_ptr) + p * N + (lane & 15)
+                    tl.atomic_add(dBC, _sum_rows_over_lanes(dBp, dCp, lane), mask=live & ((lane & 15) < N),
+                                  sem="relaxed")
+                else:
+                    m_s = lead & live
+                    tl.atomic_add(dB_ptr + p * N + state, _sum_over_lanes(dBp, lane, LOG2N), mask=m_s,
+                                  sem="relaxed")
+                    tl.atomic_add(dC_ptr + p * N + state, _sum_over_lanes(dCp, lane, LOG2N), mask=m_s,
+                                  sem="relaxed")
 
         for n in tl.static_range(BLOCK_N):
             tl.store(dA_ptr + pid_b * N * Dim + n * Dim + offs_d, dA_acc[n], mask=mask_d & (n < N))

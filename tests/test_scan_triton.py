@@ -264,7 +264,60 @@ def test_compiled_kernels_use_one_instruction_math_and_do_not_spill():
         assert ("lg2.approx" in ptx) and "ex2.approx.f32" not in ptx, kind  # each exp2 flushes denormals: 1 MUFU
         regs[kind], stack = scan_regs.resource_usage(compiled)
         assert regs[kind] <= 255 and stack == 0, (kind, regs[kind], stack)
+        if kind == "pass2":  # dB_t's and dC_t's sums over the lanes through shared memory (16 states)
+            assert "ld.shared.v4.f32" in ptx
     assert regs["pass1"] * 2 <= regs["pass2"], regs
+
+
+def test_shared_memory_sum_gives_each_lane_its_rows_sum_without_bank_conflicts():
+    """The backward's sums over the lanes through shared memory are inline PTX, which the interpreter cannot run: here
+    a small model of a warp runs that PTX (its stores, vector loads and adds, the 32 lanes in lockstep) and checks that
+    lane j ends with the sum over the lanes of its j-th input, that every access is aligned and inside the buffer,
+    and that no store or load has a shared-memory bank conflict (4-byte banks, 32 of them; a 16-byte load serves 8
+    lanes at a time)."""
+    import re
+    from models.scan_triton import SMEM_ROW_BYTES, _smem_sum_asm
+    values = torch.randn(32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # [lane, input]
+    lines = [ln.strip().rstrip(";") for ln in _smem_sum_asm().splitlines()]
+    size = int(re.search(r"buf\[(\d+)\]", lines[1]).group(1))
+    memory, regs = {}, [{"buf": 0} for _ in range(32)]
+
+    def value(lane, operand):
+        m = re.fullmatch(r"\$(\d+)", operand)
+        if not m:
+            return regs[lane][operand]
+        k = int(m.group(1))
+        return values[lane, k - 1].item() if k <= 32 else (4 * lane if k == 33 else SMEM_ROW_BYTES.value * lane)
+
+    def address(lane, text, width):
+        base, off = re.fullmatch(r"\[(\w+)\+(\d+)\]", text).groups()
+        a = value(lane, base) + int(off)
+        assert a % width == 0 and 0 <= a and a + width <= size, (text, a)
+        return a
+
+    for line in lines:
+        op, _, rest = line.partition(" ")
+        args = [a.strip() for a in re.split(r",(?![^{]*})", rest)] if rest else []
+        if op in ("mov.u32", "add.u32", "add.f32"):
+            for lane in range(32):
+                regs[lane]["out" if args[0] == "$0" else args[0]] = sum(value(lane, a) for a in args[1:])
+        elif op == "st.shared.f32":
+            addrs = [address(lane, args[0], 4) for lane in range(32)]
+            assert len({a // 4 % 32 for a in addrs}) == 32, f"bank conflict: {line}"
+            for lane, a in enumerate(addrs):
+                memory[a] = value(lane, args[1])
+        elif op == "ld.shared.v4.f32":
+            addrs = [address(lane, args[1], 16) for lane in range(32)]
+            for quarter in range(4):
+                assert len({a // 16 % 8 for a in addrs[8 * quarter:8 * quarter + 8]}) == 8, f"bank conflict: {line}"
+            names = args[0].strip("{}").split(", ")
+            for lane, a in enumerate(addrs):
+                for i, name in enumerate(names):
+                    regs[lane][name] = memory[a + 4 * i]
+        else:
+            assert op in ("{", "}", ".shared", ".reg", "bar.warp.sync"), line
+    got = torch.tensor([regs[lane]["out"] for lane in range(32)], dtype=torch.float64)
+    torch.testing.assert_close(got, values.sum(0))
 
 
 def test_too_many_states_is_refused():
