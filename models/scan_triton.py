@@ -34,18 +34,25 @@ kernel (PASS 1, then 2: pass 1 needs a quarter of pass 2's registers, and as its
 resident; 0.5-5.5% faster than one launch, docs/results/scan_ab_split_maxnreg_h100.log):
   pass 1  runs the recurrence forward and stores the state at the end of every chunk of CHUNK steps (a scratch of
           B*D*N*L/CHUNK values, freed when the backward returns);
-  pass 2  walks the chunks from last to first. It recomputes the chunk's states from the stored one into registers,
-          then steps back through them with the adjoint state
+  pass 2  walks the chunks from last to first. It recomputes the chunk's states from the stored one, then steps back
+          through them with the adjoint state
               g_t = dL/dh_t = C_t*dy_t + a_{t+1}*g_{t+1},      a_t = exp(delta_t*A),  dy = dout*silu(z)
           accumulating
               ddelta_t = sum_n g_t*(A*a_t*h_{t-1} + u_t*B_t)    du_t = D*dy_t + delta_t * sum_n g_t*B_t
               dA      += sum_t delta_t*g_t*a_t*h_{t-1}          dB_t = sum_d g_t*delta_t*u_t
               dC_t     = sum_d dy_t*h_t                         dD  += sum_t dy_t*u_t
-          dB_t and dC_t are sums over the warp's lanes, done as a reduce-scatter (``_sum_over_lanes``: N + 1 warp
-          shuffles for N sums, against 5 per sum for a tree each) and added atomically (fp32) into (B, L, N) buffers
-          that all channel blocks share; dA, dD and d(delta_bias) are per-batch partials that torch sums afterwards.
-The chunk's states and the kept per-step values live in registers: CHUNK trades scratch traffic (1/CHUNK of all the
-states, written and read once) against registers, and so resident warps.
+          dB_t and dC_t are sums over the warp's lanes, added atomically (fp32) into (B, L, N) buffers that all
+          channel blocks share; dA, dD and d(delta_bias) are per-batch partials that torch sums afterwards.
+Pass 2 is bound by issuing its instructions, with few warps resident (it needs many registers), so two of its parts go
+through shared memory, by inline PTX (Triton has no other way to it), at 16 states (the model's):
+  * The sums over the lanes: each lane stores its 32 parts (dB_t's and dC_t's 16 each) as a column of a table, then
+    reads one row back in 16-byte vectors and adds it up: 32 stores, 8 loads and 31 adds a step, against 31 shuffles,
+    62 selects and 31 adds for a reduce-scatter of warp shuffles (``_sum_over_lanes``).
+  * The chunk's recomputed states: one row of 16 fp32 per lane and step (4 vector stores, and 4 loads on the way
+    back), not 16 registers per step of the chunk.
+Triton's interpreter runs no PTX: there the states stay in registers and the sums are the reduce-scatter. CHUNK trades
+scratch traffic (1/CHUNK of all the states, written and read once) against the registers the kept per-step values
+take, and so resident warps.
 
 The scratch is fp32 for fp32 inputs and bf16 for 16-bit ones. Writing it is most of pass 1's time: at 257 tokens,
 batch 512 the fp32 scratch was 2.1 GB a call, and pass 1 ran at 76% of the memory's bandwidth. In bf16 the backward
@@ -72,6 +79,7 @@ LANES = 32
 # the loads ahead; here 3 compiles to 255 registers without spills (tools/scan_regs.py), and 4 and 5, which spill,
 # were 32-91% slower (docs/results/scan_ab_state_candidates_h100.log).
 CHUNK = 3
+MAXNREG = 0  # pass 2's register cap (0: none)
 # forward: steps loaded together, one group ahead. 4 was fastest at batch 512 (65 and 257 tokens) and within 3% of
 # 8 at 257 tokens, batch 128 (docs/results/scan_ab_prefetch_h100.log).
 GROUP = 4
@@ -317,14 +325,13 @@ def _smem_sum_asm(rows=32, stride=SMEM_ROW_BYTES.value):
     one row of `stride` bytes per value (scalar stores: the 32 lanes of a store fill one row's consecutive words),
     then reads its own row back as 16-byte vectors and adds it up. Rows of 36 words (4 of padding) put the 8 rows
     that a quarter warp's 16-byte loads touch at once on 8 different groups of banks, so neither side has bank
-    conflicts. Inputs $1..$rows are the values, then the lane's byte offsets: its column's (4 * lane) and its row's
-    (stride * lane)."""
-    lines = ["{", f".shared .align 16 .b8 buf[{rows * stride}];", ".reg .u32 w, r;", f".reg .f32 a<{rows}>;",
-             "mov.u32 w, buf;", f"add.u32 r, w, ${rows + 2};", f"add.u32 w, w, ${rows + 1};",
+    conflicts. Inputs $1..$rows are the values, then the lane's shared-memory addresses: its column's (table + 4 *
+    lane) and its row's (table + stride * lane)."""
+    lines = ["{", f".reg .f32 a<{rows}>;",
              "bar.warp.sync -1;"]  # (no lane still reads the table's last use when it is written again)
-    lines += [f"st.shared.f32 [w+{v * stride}], ${v + 1};" for v in range(rows)]
+    lines += [f"st.shared.f32 [${rows + 1}+{v * stride}], ${v + 1};" for v in range(rows)]
     lines += ["bar.warp.sync -1;"]
-    lines += [f"ld.shared.v4.f32 {{a{4 * i}, a{4 * i + 1}, a{4 * i + 2}, a{4 * i + 3}}}, [r+{16 * i}];"
+    lines += [f"ld.shared.v4.f32 {{a{4 * i}, a{4 * i + 1}, a{4 * i + 2}, a{4 * i + 3}}}, [${rows + 2}+{16 * i}];"
               for i in range(rows // 4)]
     width = 1
     while width < rows // 2:  # a pairwise tree: short chains of dependent adds
@@ -335,19 +342,48 @@ def _smem_sum_asm(rows=32, stride=SMEM_ROW_BYTES.value):
 
 
 SMEM_SUM_ASM = tl.constexpr(_smem_sum_asm())
-# The two sums over the lanes (dB_t's and dC_t's 16 states each) through shared memory rather than the reduce-scatter
-# of warp shuffles: 32 stores, 8 loads and 31 adds a step against 31 shuffles, 62 selects and 31 adds. Inline PTX,
-# which Triton's interpreter cannot run; there the reduce-scatter runs.
-SMEM_SUM = FAST_MATH
+# Shared memory through inline PTX (Triton has no other way to it), for 16 states (the model's): dB_t's and dC_t's
+# sums over the lanes and the chunk's states in pass 2. Triton's interpreter runs no PTX; there the states stay in
+# registers and the sums are the reduce-scatter of warp shuffles.
+SMEM = FAST_MATH
+HROW = tl.constexpr(80)  # a lane's row of 16 fp32 states and 4 words of padding: 16-byte stores without bank conflicts
+MAX_CHUNK = 5
+HBUF_ASM = tl.constexpr("{ .shared .align 16 .b8 hbuf[%d]; mov.u32 $0, hbuf; }" % (MAX_CHUNK * LANES * HROW.value))
+TBUF_ASM = tl.constexpr("{ .shared .align 16 .b8 tbuf[%d]; mov.u32 $0, tbuf; }" % (LANES * SMEM_ROW_BYTES.value))
+STORE_ROW_ASM = tl.constexpr("{ " + " ".join(
+    f"st.shared.v4.f32 [$1+{16 * i}], {{${4 * i + 2}, ${4 * i + 3}, ${4 * i + 4}, ${4 * i + 5}}};" for i in range(4))
+    + " mov.u32 $0, 0; }")
+LOAD_ROW_ASM = tl.constexpr("{ " + " ".join(
+    f"ld.shared.v4.f32 {{${4 * i}, ${4 * i + 1}, ${4 * i + 2}, ${4 * i + 3}}}, [$16+{16 * i}];" for i in range(4))
+    + " }")
 
 
 @triton.jit
-def _sum_rows_over_lanes(dBp, dCp, lane):
+def _shared_buffer(asm, lane):
+    """The shared-memory address of the buffer that asm declares (the same in every lane)."""
+    return tl.inline_asm_elementwise(asm, "=r,r", (lane,), dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _sum_rows_over_lanes(dBp, dCp, col_addr, row_addr):
     """dB_t's and dC_t's per-lane parts (16 channel vectors each) summed over the warp's 32 lanes: lane l gets the
     sum of dBp[l] (l < 16) or dCp[l - 16]."""
-    return tl.inline_asm_elementwise(SMEM_SUM_ASM, "=f," + "f," * 32 + "r,r",
-                                     dBp + dCp + (lane * 4, lane * SMEM_ROW_BYTES), dtype=tl.float32, is_pure=True,
-                                     pack=1)
+    return tl.inline_asm_elementwise(SMEM_SUM_ASM, "=f," + "f," * 32 + "r,r", dBp + dCp + (col_addr, row_addr),
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _store_row(addr, h):
+    """The 16 states h into this lane's row at shared-memory address addr (kept in order with _load_row: neither is
+    pure)."""
+    tl.inline_asm_elementwise(STORE_ROW_ASM, "=r,r" + ",f" * 16, (addr,) + h, dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _load_row(addr):
+    """_store_row's 16 states back."""
+    return tl.inline_asm_elementwise(LOAD_ROW_ASM, "=f" + ",=f" * 15 + ",r", (addr,), dtype=(tl.float32,) * 16,
+                                     is_pure=False, pack=1)
 
 
 @triton.jit
@@ -486,6 +522,12 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
         dbias_acc = zero
         state = (lane >> (5 - LOG2N)) & ((1 << LOG2N) - 1)
         lead = ((lane & ((1 << (5 - LOG2N)) - 1)) == 0) & (state < N)
+        SHARED: tl.constexpr = SMEM and BLOCK_N == 16
+        if SHARED:  # this lane's row of the chunk's states, and the table of the sums over the lanes
+            hrow = _shared_buffer(HBUF_ASM, lane) + lane * HROW
+            table = _shared_buffer(TBUF_ASM, lane)
+            col_addr = table + lane * 4
+            row_addr = table + lane * SMEM_ROW_BYTES
         c = n_chunks - 1
         nxt = (_load_state(ck_ptr + tl.maximum(c - 1, 0) * SLOT, lane, c > 0, BLOCK_D, BLOCK_N),
                _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, c * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK, HAS_Z,
@@ -503,7 +545,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                    _spread(C_ptr, s_Cl, s_Cn, cn * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
             ld = cur[1]
             h = cur[0]
-            hs = (h,)  # hs[k] = h_{t-1} of the chunk's k-th step t, hs[k + 1] = h_t
+            hs = ()    # hs[k] = h_{t-1} of the chunk's k-th step t, where not in shared memory
             kept = ()  # each step's u, delta and delta + bias (fp32), kept for the way back
             for k in tl.static_range(CHUNK):
                 m_d = mask_d & (c * CHUNK + k < L)
@@ -511,36 +553,45 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 dt, x = _delta(ld[k][1], bias, m_d, SOFTPLUS)
                 Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
                 dtu = dt * u
+                if SHARED:
+                    _store_row(hrow + k * (BLOCK_D * HROW), h)
+                else:
+                    hs = hs + (h,)
                 nh = ()
                 for n in tl.static_range(BLOCK_N):
                     nh = nh + (tl.exp2(dt * A2[n]) * h[n] + Bt[n] * dtu,)
                 h = nh
-                hs = hs + (h,)
                 kept = kept + ((u, dt, x),)
+            hc = h  # h_t of the step the way back is at; h_{t-1} comes from the chunk's states
             for k in tl.static_range(CHUNK - 1, -1, -1):
                 t = c * CHUNK + k
                 p = _clamped(t, L, REVERSE)
                 live = t < L
                 m_d = mask_d & live
                 u, dt, x = kept[k]
+                if SHARED:
+                    hp = _load_row(hrow + k * (BLOCK_D * HROW))
+                else:
+                    hp = hs[k]
                 Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
                 Ct = _step_bc(cur[3], k, BLOCK_D, BLOCK_N, PACKED)
                 dy = tl.where(m_d, ld[k][3].to(tl.float32) * scale, 0.0)  # 0 past the sequence: g passes through
                 if HAS_Z:
-                    dz, dy = _gate_back(dy, ld[k][2], u, Ct, hs[k + 1], Dv, BLOCK_N)
+                    dz, dy = _gate_back(dy, ld[k][2], u, Ct, hc, Dv, BLOCK_N)
                     tl.store(dz_ptr + p * s_dzl + offs_d * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
-                du, ddt, q, dA_acc, dBp, dCp = _adjoint_step(u, dt, x, dy, Bt, Ct, hs[k], hs[k + 1], q, dA_acc, A2, Dv,
+                du, ddt, q, dA_acc, dBp, dCp = _adjoint_step(u, dt, x, dy, Bt, Ct, hp, hc, q, dA_acc, A2, Dv,
                                                              zero, m_d, BLOCK_N, SOFTPLUS)
+                hc = hp
                 if HAS_D:
                     dD_acc += dy * u
                 dbias_acc += ddt
                 tl.store(du_ptr + p * s_dul + offs_d * s_dud, du.to(du_ptr.dtype.element_ty), mask=m_d)
                 tl.store(ddt_ptr + p * s_dtl + offs_d * s_dtd, ddt.to(ddt_ptr.dtype.element_ty), mask=m_d)
                 # dB_t and dC_t: sums over the channels, scattered over the lanes, added to what other blocks add
-                if SMEM_SUM and BLOCK_N == 16:
+                if SHARED:
                     dBC = tl.where(lane < 16, dB_ptr, dC_ptr) + p * N + (lane & 15)
-                    tl.atomic_add(dBC, _sum_rows_over_lanes(dBp, dCp, lane), mask=live & ((lane & 15) < N),
-                                  sem="relaxed")
+                    tl.atomic_add(dBC, _sum_rows_over_lanes(dBp, dCp, col_addr, row_addr),
+                                  mask=live & ((lane & 15) < N), sem="relaxed")
                 else:
                     m_s = lead & live
                     tl.atomic_add(dB_ptr + p * N + state, _sum_over_lanes(dBp, lane, LOG2N), mask=m_s,
@@ -602,6 +653,8 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     meta = _meta(u, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     N, block_n = meta["N"], meta["BLOCK_N"]
     chunk = min(CHUNK, L)
+    if chunk > MAX_CHUNK:  # (the states' shared buffer holds MAX_CHUNK)
+        raise ValueError(f"CHUNK {chunk} is above {MAX_CHUNK}")
     grid = (triton.cdiv(Dim, LANES), Bsz)
     f32 = dict(dtype=torch.float32, device=u.device)
     du, ddelta = _empty_like_bdl(u), _empty_like_bdl(delta)
@@ -634,7 +687,7 @@ def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
     grid, args, meta, buffers = _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
                                                  out_scale)
     _bwd_kernel[grid](*args, **meta, PASS=1)
-    _bwd_kernel[grid](*args, **meta, PASS=2)
+    _bwd_kernel[grid](*args, **meta, PASS=2, **({"maxnreg": MAXNREG} if MAXNREG else {}))
     # the gradients in the inputs' layouts and dtypes, per-batch partials summed
     du, ddelta, dz, dB, dC, dA, dD, dbias = buffers
     dA = dA.sum(0).t().contiguous().to(A.dtype)

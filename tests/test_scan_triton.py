@@ -269,55 +269,73 @@ def test_compiled_kernels_use_one_instruction_math_and_do_not_spill():
     assert regs["pass1"] * 2 <= regs["pass2"], regs
 
 
-def test_shared_memory_sum_gives_each_lane_its_rows_sum_without_bank_conflicts():
-    """The backward's sums over the lanes through shared memory are inline PTX, which the interpreter cannot run: here
-    a small model of a warp runs that PTX (its stores, vector loads and adds, the 32 lanes in lockstep) and checks that
-    lane j ends with the sum over the lanes of its j-th input, that every access is aligned and inside the buffer,
-    and that no store or load has a shared-memory bank conflict (4-byte banks, 32 of them; a 16-byte load serves 8
-    lanes at a time)."""
+def _run_warp(asm, inputs, memory, size):
+    """Runs the inline PTX asm (the few instructions the scan's shared-memory code uses) for the 32 lanes of a warp in
+    lockstep: inputs[lane] maps operand numbers ($1, $2, ...) to values; memory maps byte addresses to values and
+    persists between calls. Checks that every access is aligned, inside [0, size) and free of bank conflicts (4-byte
+    banks, 32 of them; a 16-byte access serves 8 lanes at a time). -> each lane's {output number: value}."""
     import re
-    from models.scan_triton import SMEM_ROW_BYTES, _smem_sum_asm
-    values = torch.randn(32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # [lane, input]
-    lines = [ln.strip().rstrip(";") for ln in _smem_sum_asm().splitlines()]
-    size = int(re.search(r"buf\[(\d+)\]", lines[1]).group(1))
-    memory, regs = {}, [{"buf": 0} for _ in range(32)]
-
-    def value(lane, operand):
-        m = re.fullmatch(r"\$(\d+)", operand)
-        if not m:
-            return regs[lane][operand]
-        k = int(m.group(1))
-        return values[lane, k - 1].item() if k <= 32 else (4 * lane if k == 33 else SMEM_ROW_BYTES.value * lane)
+    regs = [dict(("$%d" % k, v) for k, v in inputs[lane].items()) for lane in range(32)]
 
     def address(lane, text, width):
-        base, off = re.fullmatch(r"\[(\w+)\+(\d+)\]", text).groups()
-        a = value(lane, base) + int(off)
+        base, off = re.fullmatch(r"\[(\$?\w+)\+(\d+)\]", text).groups()
+        a = regs[lane][base] + int(off)
         assert a % width == 0 and 0 <= a and a + width <= size, (text, a)
         return a
 
-    for line in lines:
-        op, _, rest = line.partition(" ")
+    def no_conflicts(addrs, width, line):
+        group = 32 if width == 4 else 8
+        for i in range(0, 32, group):
+            assert len({a // width % group for a in addrs[i:i + group]}) == group, f"bank conflict: {line}"
+
+    for line in [ln.strip() for ln in asm.replace("{ ", "\n").replace("; ", ";\n").splitlines()]:
+        op, _, rest = line.rstrip(";").partition(" ")
         args = [a.strip() for a in re.split(r",(?![^{]*})", rest)] if rest else []
         if op in ("mov.u32", "add.u32", "add.f32"):
-            for lane in range(32):
-                regs[lane]["out" if args[0] == "$0" else args[0]] = sum(value(lane, a) for a in args[1:])
-        elif op == "st.shared.f32":
-            addrs = [address(lane, args[0], 4) for lane in range(32)]
-            assert len({a // 4 % 32 for a in addrs}) == 32, f"bank conflict: {line}"
-            for lane, a in enumerate(addrs):
-                memory[a] = value(lane, args[1])
-        elif op == "ld.shared.v4.f32":
-            addrs = [address(lane, args[1], 16) for lane in range(32)]
-            for quarter in range(4):
-                assert len({a // 16 % 8 for a in addrs[8 * quarter:8 * quarter + 8]}) == 8, f"bank conflict: {line}"
-            names = args[0].strip("{}").split(", ")
+            for r in regs:
+                r[args[0]] = sum(int(a) if a.isdigit() else r[a] for a in args[1:])
+        elif op.startswith(("st.shared", "ld.shared")):
+            width = 16 if ".v4." in op else 4
+            where, what = (args[0], args[1]) if op.startswith("st") else (args[1], args[0])
+            addrs = [address(lane, where, width) for lane in range(32)]
+            no_conflicts(addrs, width, line)
+            names = what.strip("{}").split(", ")
             for lane, a in enumerate(addrs):
                 for i, name in enumerate(names):
-                    regs[lane][name] = memory[a + 4 * i]
+                    if op.startswith("st"):
+                        memory[a + 4 * i] = regs[lane][name]
+                    else:
+                        regs[lane][name] = memory[a + 4 * i]
         else:
-            assert op in ("{", "}", ".shared", ".reg", "bar.warp.sync"), line
-    got = torch.tensor([regs[lane]["out"] for lane in range(32)], dtype=torch.float64)
-    torch.testing.assert_close(got, values.sum(0))
+            assert op in ("", "{", "}", ".reg", "bar.warp.sync"), line
+    return [{int(k[1:]): v for k, v in r.items() if re.fullmatch(r"\$\d+", k) and k not in
+             ("$%d" % j for j in inputs[lane])} for lane, r in enumerate(regs)]
+
+
+def test_shared_memory_code_sums_over_lanes_and_keeps_states_without_bank_conflicts():
+    """Pass 2's shared-memory code is inline PTX, which the interpreter cannot run; a small model of a warp runs it
+    here. The sums over the lanes: lane j ends with the sum over the lanes of its j-th input. The chunk's states: each
+    lane gets back the 16 states it stored, for every step of the longest chunk. No access has a bank conflict."""
+    import models.scan_triton as st
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(32, 32, generator=g, dtype=torch.float64)  # [lane, input]
+    row = st.SMEM_ROW_BYTES.value
+    inputs = [{**{k + 1: values[lane, k].item() for k in range(32)}, 33: 4 * lane, 34: row * lane}
+              for lane in range(32)]
+    out = _run_warp(st.SMEM_SUM_ASM.value, inputs, {}, 32 * row)
+    torch.testing.assert_close(torch.tensor([o[0] for o in out], dtype=torch.float64), values.sum(0))
+
+    states = torch.randn(st.MAX_CHUNK, 32, 16, generator=g, dtype=torch.float64)  # [step, lane, state]
+    memory, size, hrow = {}, st.MAX_CHUNK * 32 * st.HROW.value, st.HROW.value
+    for k in range(st.MAX_CHUNK):
+        _run_warp(st.STORE_ROW_ASM.value, [{1: lane * hrow + k * 32 * hrow, **{n + 2: states[k, lane, n].item()
+                                                                                for n in range(16)}}
+                                           for lane in range(32)], memory, size)
+    for k in range(st.MAX_CHUNK):
+        out = _run_warp(st.LOAD_ROW_ASM.value, [{16: lane * hrow + k * 32 * hrow} for lane in range(32)], memory,
+                        size)
+        got = torch.tensor([[o[n] for n in range(16)] for o in out], dtype=torch.float64)
+        torch.testing.assert_close(got, states[k])
 
 
 def test_too_many_states_is_refused():
