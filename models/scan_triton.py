@@ -75,11 +75,11 @@ from triton.language.extra import libdevice
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 LANES = 32
-# backward: steps whose states stay in registers together. 3 beat 2 at every measured shape with the kernel before
-# the loads ahead; here 3 compiles to 255 registers without spills (tools/scan_regs.py), and 4 and 5, which spill,
-# were 32-91% slower (docs/results/scan_ab_state_candidates_h100.log).
-CHUNK = 3
-MAXNREG = 0  # pass 2's register cap (0: none)
+# backward: steps recomputed together (their states kept in shared memory, the per-step values in registers). 4 beat
+# 3 by 1-3.6% in the backward at the model's shapes and 5 is slower (docs/results/scan_ab_smem*_h100.log);
+# 4 compiles to 254 registers without spills (tools/scan_regs.py). Capping registers for more resident warps spills
+# and was slower (CHUNK 3 at 200 registers: 1% faster than uncapped; CHUNK 4 at 200: a backward 1.52x the old kernel's).
+CHUNK = 4
 # forward: steps loaded together, one group ahead. 4 was fastest at batch 512 (65 and 257 tokens) and within 3% of
 # 8 at 257 tokens, batch 128 (docs/results/scan_ab_prefetch_h100.log).
 GROUP = 4
@@ -687,7 +687,7 @@ def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
     grid, args, meta, buffers = _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
                                                  out_scale)
     _bwd_kernel[grid](*args, **meta, PASS=1)
-    _bwd_kernel[grid](*args, **meta, PASS=2, **({"maxnreg": MAXNREG} if MAXNREG else {}))
+    _bwd_kernel[grid](*args, **meta, PASS=2)
     # the gradients in the inputs' layouts and dtypes, per-batch partials summed
     du, ddelta, dz, dB, dC, dA, dD, dbias = buffers
     dA = dA.sum(0).t().contiguous().to(A.dtype)

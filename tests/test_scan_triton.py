@@ -52,7 +52,7 @@ CASES = [
 # 16 bf16 states, so 5 steps take two), other than the configured ones that run every case above: on cases with a
 # partial last chunk or group, a reverse scan and a missing z, and at L = 1 and L = 12 (one chunk or group, and one
 # longer than the sequence). bf16 inputs take the packed loads of B and C.
-VARIANTS = {"chunk1": dict(CHUNK=1), "chunk2": dict(CHUNK=2), "chunk5": dict(CHUNK=5),
+VARIANTS = {"chunk1": dict(CHUNK=1), "chunk2": dict(CHUNK=2), "chunk3": dict(CHUNK=3), "chunk5": dict(CHUNK=5),
             "group1": dict(GROUP=1), "group5": dict(GROUP=5)}
 VARIANT_CASES = [CASES[2], CASES[4], CASES[8]]
 # (B, L, N) B and C, even N: the packed loads; the last as the mixer's second direction calls it
