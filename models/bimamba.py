@@ -85,19 +85,22 @@ class BiMambaMixer(nn.Module):
         return conv1d_silu(x, weight, conv.bias, reverse)
 
     def _convs(self, x):
-        """Both directions' conv + SiLU: x (B, L, D_in) -> (u_f, u_b), each (B, L, D_in). With the Triton scan, our
-        Triton kernel does both at once (models/conv_triton.py)."""
+        """Both directions' conv + SiLU and x_proj: x (B, L, D_in) -> (u_f, u_b, x_dbl_f, x_dbl_b), (B, L, D_in) and
+        (B, L, R + 2N). With the Triton scan, one op does it all (models/conv_triton.py): its backward then gets u's
+        two gradients (from the scan and from x_proj) apart and sums them in the conv kernel, not in a kernel of
+        their own."""
         if self.scan_backend == "triton":
             from models.conv_triton import conv_pair_silu
             return conv_pair_silu(x, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                  self.conv1d_b.weight.squeeze(1), self.conv1d_b.bias)
-        return self._conv(x, self.conv1d, False), self._conv(x, self.conv1d_b, True)
+                                  self.conv1d_b.weight.squeeze(1), self.conv1d_b.bias, self.x_proj.weight,
+                                  self.x_proj_b.weight)
+        u_f, u_b = self._conv(x, self.conv1d, False), self._conv(x, self.conv1d_b, True)
+        return u_f, u_b, self.x_proj(u_f), self.x_proj_b(u_b)
 
-    def _direction(self, x, z, x_proj, dt_proj, A_log, D, reverse, add=None):
-        """One scan direction over x (the conv's output), z: (B, L, D_in) -> half its output, plus add when given
-        (B, D_in, L). The backward direction (reverse) scans the tokens from last to first; its output comes back in
-        the tokens' order."""
-        x_dbl = x_proj(x)                                                  # (B, L, R + 2N)
+    def _direction(self, x, x_dbl, z, dt_proj, A_log, D, reverse, add=None):
+        """One scan direction over x (the conv's output), x_dbl (its x_proj), z: (B, L, D_in) -> half its output, plus
+        add when given (B, D_in, L). The backward direction (reverse) scans the tokens from last to first; its output
+        comes back in the tokens' order."""
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ dt_proj.weight.t()                                       # (B, L, D_in); bias goes in the scan
         A = -torch.exp(A_log.float())                                      # (D_in, N)
@@ -113,11 +116,11 @@ class BiMambaMixer(nn.Module):
         # matrix multiplies instead of concatenating dx and dz into a copy first (docs/SPEED.md)
         w_x, w_z = self.in_proj.weight.chunk(2)
         x, z = F.linear(hidden, w_x), F.linear(hidden, w_z)                # (B, L, D_in) each
-        u_f, u_b = self._convs(x)
+        u_f, u_b, x_dbl_f, x_dbl_b = self._convs(x)
         # the directions' mean, (y_f + y_b) / 2, in the scans' epilogues: the second adds half its output to half
         # the first's, so no separate kernel reads both and none halves the gradient (docs/SPEED.md)
-        y = self._direction(u_f, z, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
-        y = self._direction(u_b, z, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True, add=y)
+        y = self._direction(u_f, x_dbl_f, z, self.dt_proj, self.A_log, self.D, reverse=False)
+        y = self._direction(u_b, x_dbl_b, z, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True, add=y)
         return self.out_proj(y.transpose(1, 2))
 
 

@@ -17,7 +17,7 @@ A program owns BLOCK_D channels of one batch element and walks the sequence ROWS
 once, a group ahead of the group it computes; a tap's neighbours come from registers. A first version on 2-D tiles
 loaded each input at every shift a tap needs, and each shifted load cost about a full read from memory.
 """
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -114,21 +114,24 @@ def _conv_fwd_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, uf_ptr, ub_ptr, L, D
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, duf_ptr, dub_ptr, dx_ptr, dw_ptr, L, Dim,
+def _conv_bwd_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, duf_ptr, dub_ptr, ef_ptr, eb_ptr, dx_ptr, dw_ptr, L, Dim,
                      s_xb, s_xl, s_fb, s_fl, s_bb, s_bl, s_dxb, s_dxl,
-                     K: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr):
+                     K: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_EXTRA: tl.constexpr):
     """One program: BLOCK_D channels of one batch element, the sequence in groups of R tokens, each input row
     loaded once. With g_f = du_f * silu'(a_f) and g_b likewise (a: the pre-activations, recomputed):
         dx[t]   = sum_s w_f[K-1-s] * g_f[t + s]  +  sum_s w_b[K-1-s] * g_b[t - s]        (s = 0 .. K-1)
         dw_f[j] = sum_t g_f[t] * x[t - (K-1) + j]      dw_b[j] = sum_t g_b[t] * x[t + (K-1) - j]
     Group t0 .. t0+R-1 computes g_f there and g_b at t0-(K-1) .. t0+R-K, and completes dx at t0-(K-1) .. t0+R-K.
-    The weight and bias gradients' per-program sums go to dw_ptr as (B, 2, K + 1, D): taps, then bias."""
+    The weight and bias gradients' per-program sums go to dw_ptr as (B, 2, K + 1, D): taps, then bias. With
+    HAS_EXTRA, u_f's and u_b's gradients come in two parts each, du and e (laid out alike), summed as they are used."""
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < Dim
     pid_b = tl.program_id(1).to(tl.int64)
     x_ptr += pid_b * s_xb
     duf_ptr += pid_b * s_fb
     dub_ptr += pid_b * s_bb
+    ef_ptr += pid_b * s_fb
+    eb_ptr += pid_b * s_bb
     dx_ptr += pid_b * s_dxb + offs_d
     wf = _taps(wf_ptr, offs_d, mask_d, K)
     wb = _taps(wb_ptr, offs_d, mask_d, K)
@@ -145,13 +148,17 @@ def _conv_bwd_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, duf_ptr, dub_ptr, dx
     acc = ()  # sums of g_f * x (K taps), g_f, g_b * x (K taps), g_b
     for i in tl.static_range(2 * (K + 1)):
         acc = acc + (zero,)
+    RE: tl.constexpr = R if HAS_EXTRA else 0  # rows of e loaded a group (none without it)
     nxt = (_rows(x_ptr, 0, L, s_xl, offs_d, mask_d, R), _rows(duf_ptr, 0, L, s_fl, offs_d, mask_d, R),
-           _rows(dub_ptr, 1 - K, L, s_bl, offs_d, mask_d, R))
+           _rows(dub_ptr, 1 - K, L, s_bl, offs_d, mask_d, R), _rows(ef_ptr, 0, L, s_fl, offs_d, mask_d, RE),
+           _rows(eb_ptr, 1 - K, L, s_bl, offs_d, mask_d, RE))
     for t0 in range(0, L + K - 1, R):
         cur = nxt
         nxt = (_rows(x_ptr, t0 + R, L, s_xl, offs_d, mask_d, R),
                _rows(duf_ptr, t0 + R, L, s_fl, offs_d, mask_d, R),
-               _rows(dub_ptr, t0 + R + 1 - K, L, s_bl, offs_d, mask_d, R))
+               _rows(dub_ptr, t0 + R + 1 - K, L, s_bl, offs_d, mask_d, R),
+               _rows(ef_ptr, t0 + R, L, s_fl, offs_d, mask_d, RE),
+               _rows(eb_ptr, t0 + R + 1 - K, L, s_bl, offs_d, mask_d, RE))
         w = _window(xc, cur[0], K, R)  # w[i] = x[t0-(K-1)+i]
         gf = gfc
         gb = gbc
@@ -162,8 +169,13 @@ def _conv_bwd_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, duf_ptr, dub_ptr, dx
             for j in tl.static_range(K):
                 af += wf[j] * w[r + j]
                 ab += wb[j] * w[r + K - 1 - j]
-            g_f = cur[1][r].to(tl.float32) * _silu_grad(af)
-            g_b = cur[2][r].to(tl.float32) * _silu_grad(ab)
+            du_f = cur[1][r].to(tl.float32)
+            du_b = cur[2][r].to(tl.float32)
+            if HAS_EXTRA:
+                du_f += cur[3][r].to(tl.float32)
+                du_b += cur[4][r].to(tl.float32)
+            g_f = du_f * _silu_grad(af)
+            g_b = du_b * _silu_grad(ab)
             gf = gf + (g_f,)  # gf[i] = g_f at t0-(K-1)+i
             gb = gb + (g_b,)  # gb[i] = g_b at t0-2(K-1)+i
             upd = ()
@@ -192,64 +204,95 @@ def _channels_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _project(u, p):
+    """u (B, L, D) @ p.T, p: (P, D) in u's dtype (as autocast would cast it) -> (B, L, P)."""
+    Bsz, L, Dim = u.shape
+    return (u.reshape(Bsz * L, Dim) @ p.to(u.dtype).t()).view(Bsz, L, p.shape[0])
+
+
 @torch.library.custom_op("vim::conv_pair_fwd", mutates_args=())
-def _conv_pair_fwd(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) -> List[Tensor]:
+def _conv_pair_fwd(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor, p_f: Optional[Tensor],
+                   p_b: Optional[Tensor]) -> List[Tensor]:
     Bsz, L, Dim = x.shape
     u_f, u_b = (torch.empty(Bsz, L, Dim, dtype=x.dtype, device=x.device) for _ in range(2))
     with _device(x):
         _conv_fwd_kernel[(triton.cdiv(Dim, BLOCK_D), Bsz)](
             x, w_f, b_f, w_b, b_b, u_f, u_b, L, Dim, x.stride(0), x.stride(1), u_f.stride(0), u_f.stride(1),
             K=w_f.shape[1], R=ROWS, BLOCK_D=BLOCK_D, num_warps=BLOCK_D // 32)
-    return [u_f, u_b]
+    if p_f is None:
+        return [u_f, u_b]
+    return [u_f, u_b, _project(u_f, p_f), _project(u_b, p_b)]
 
 
 @_conv_pair_fwd.register_fake
-def _(x, w_f, b_f, w_b, b_b):
-    return [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(2)]
+def _(x, w_f, b_f, w_b, b_b, p_f, p_b):
+    out = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(2)]
+    if p_f is None:
+        return out
+    return out + [x.new_empty(*x.shape[:2], p.shape[0]) for p in (p_f, p_b)]
 
 
 @torch.library.custom_op("vim::conv_pair_bwd", mutates_args=())
-def _conv_pair_bwd(du_f: Tensor, du_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor,
-                   b_b: Tensor) -> List[Tensor]:
+def _conv_pair_bwd(du_f: Tensor, du_b: Tensor, dq_f: Optional[Tensor], dq_b: Optional[Tensor], x: Tensor,
+                   w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor, p_f: Optional[Tensor], p_b: Optional[Tensor],
+                   u_f: Optional[Tensor], u_b: Optional[Tensor]) -> List[Tensor]:
+    """dq_f, dq_b: the projections' output gradients (with p_f, p_b, and the saved u_f, u_b)."""
     Bsz, L, Dim = x.shape
     K = w_f.shape[1]
     du_f, du_b = _channels_contiguous(du_f), _channels_contiguous(du_b)
+    e_f = e_b = du_f  # (unread without the projections)
+    grads_p = []
+    if p_f is not None:
+        # u's gradient from each projection, summed with the scan's by the conv kernel as it reads both
+        du_f, du_b = du_f.contiguous(), du_b.contiguous()
+        e_f, e_b = (_project(dq, p.t()) for dq, p in ((dq_f, p_f), (dq_b, p_b)))
+        grads_p = [(dq.reshape(Bsz * L, -1).t() @ u.reshape(Bsz * L, Dim)).to(p.dtype)
+                   for dq, u, p in ((dq_f, u_f, p_f), (dq_b, u_b, p_b))]
     dx = torch.empty(Bsz, L, Dim, dtype=x.dtype, device=x.device)
     dw = torch.empty(Bsz, 2, K + 1, Dim, dtype=torch.float32, device=x.device)
     with _device(x):
         _conv_bwd_kernel[(triton.cdiv(Dim, BLOCK_D), Bsz)](
-            x, w_f, b_f, w_b, b_b, du_f, du_b, dx, dw, L, Dim, x.stride(0), x.stride(1), du_f.stride(0),
+            x, w_f, b_f, w_b, b_b, du_f, du_b, e_f, e_b, dx, dw, L, Dim, x.stride(0), x.stride(1), du_f.stride(0),
             du_f.stride(1), du_b.stride(0), du_b.stride(1), dx.stride(0), dx.stride(1),
-            K=K, R=ROWS, BLOCK_D=BLOCK_D, num_warps=BLOCK_D // 32)
+            K=K, R=ROWS, BLOCK_D=BLOCK_D, HAS_EXTRA=p_f is not None, num_warps=BLOCK_D // 32)
     dw = dw.sum(0)  # (2, K + 1, D); each gradient its own copy (a custom op's outputs may not alias)
     return [dx, dw[0, :K].t().to(w_f.dtype, copy=True, memory_format=torch.contiguous_format),
             dw[0, K].to(b_f.dtype, copy=True), dw[1, :K].t().to(w_b.dtype, copy=True,
                                                                 memory_format=torch.contiguous_format),
-            dw[1, K].to(b_b.dtype, copy=True)]
+            dw[1, K].to(b_b.dtype, copy=True)] + grads_p
 
 
 @_conv_pair_bwd.register_fake
-def _(du_f, du_b, x, w_f, b_f, w_b, b_b):
-    return [torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(w_f), torch.empty_like(b_f),
-            torch.empty_like(w_b), torch.empty_like(b_b)]
+def _(du_f, du_b, dq_f, dq_b, x, w_f, b_f, w_b, b_b, p_f, p_b, u_f, u_b):
+    out = [torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(w_f), torch.empty_like(b_f),
+           torch.empty_like(w_b), torch.empty_like(b_b)]
+    return out if p_f is None else out + [torch.empty_like(p_f), torch.empty_like(p_b)]
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    x, w_f, b_f, w_b, b_b, p_f, p_b = inputs
+    ctx.projected = p_f is not None
+    ctx.save_for_backward(x, w_f, b_f, w_b, b_b, p_f, p_b, *(output[:2] if ctx.projected else (None, None)))
 
 
 def _backward(ctx, grads):
-    x = ctx.saved_tensors[0]
-    du_f, du_b = (torch.zeros_like(x) if g is None else g for g in grads)
-    return tuple(_conv_pair_bwd(du_f, du_b, *ctx.saved_tensors))
+    x, w_f, b_f, w_b, b_b, p_f, p_b, u_f, u_b = ctx.saved_tensors
+    du_f, du_b = (torch.zeros_like(x) if g is None else g for g in grads[:2])
+    dq_f = dq_b = None
+    if ctx.projected:
+        dq_f, dq_b = (x.new_zeros(*x.shape[:2], p.shape[0]) if g is None else g for g, p in zip(grads[2:], (p_f, p_b)))
+    out = _conv_pair_bwd(du_f, du_b, dq_f, dq_b, x, w_f, b_f, w_b, b_b, p_f, p_b, u_f, u_b)
+    return (*out[:5], *(out[5:] if ctx.projected else (None, None)))
 
 
 _conv_pair_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def conv_pair_silu(x, w_f, b_f, w_b, b_b):
+def conv_pair_silu(x, w_f, b_f, w_b, b_b, p_f=None, p_b=None):
     """(u_f, u_b) of the module docstring, differentiable w.r.t. x, the weights and the biases. x: (B, L, D) with
-    contiguous channels (else copied), w_f, w_b: (D, K), b_f, b_b: (D,)."""
+    contiguous channels (else copied), w_f, w_b: (D, K), b_f, b_b: (D,). With p_f, p_b (P, D) (x_proj's weights):
+    (u_f, u_b, u_f @ p_f.T, u_b @ p_b.T), the products in x's dtype. Then the backward receives u's gradients from
+    the scan and from the product apart, and the conv kernel sums them as it reads them: no kernel of their own."""
     Bsz, L, Dim = x.shape
     K = w_f.shape[-1]
     if w_f.shape != (Dim, K) or w_b.shape != (Dim, K) or b_f.shape != (Dim,) or b_b.shape != (Dim,):
@@ -257,5 +300,6 @@ def conv_pair_silu(x, w_f, b_f, w_b, b_b):
                          f"{tuple(w_b.shape)}, {tuple(b_f.shape)}, {tuple(b_b.shape)}")
     if Bsz > 65535:  # the batch is the second grid axis
         raise ValueError(f"batch {Bsz} is above 65535; split it")
-    u_f, u_b = _conv_pair_fwd(_channels_contiguous(x), w_f.contiguous(), b_f, w_b.contiguous(), b_b)
-    return u_f, u_b
+    if (p_f is None) != (p_b is None) or (p_f is not None and (p_f.shape[1] != Dim or p_b.shape != p_f.shape)):
+        raise ValueError(f"projections must both be given, (P, {Dim}) each")
+    return tuple(_conv_pair_fwd(_channels_contiguous(x), w_f.contiguous(), b_f, w_b.contiguous(), b_b, p_f, p_b))

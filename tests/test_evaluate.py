@@ -139,6 +139,16 @@ def test_macs_match_a_hand_count(stem, p):
     assert macs["total"] == macs["matrix"] + macs["conv1d"] + macs["scan"]
 
 
+def test_macs_count_the_reference_path_whatever_the_kernels():
+    """With the Triton kernels set, the mixer's convs and x_proj run in one custom op, whose matrix products the
+    counter would not see: counting runs the PyTorch path and then puts the kernels back."""
+    pytest.importorskip("triton")
+    model = build_model("mamba_tiny", 10, embed_dim=16, depth=2, patch_size=8)
+    model.set_kernels("triton")
+    assert macs_per_image(model)["total"] == hand_count(16, 2, 32, 10, "patch", 8)
+    assert all(layer.mixer.scan_backend == "triton" for layer in model.layers)
+
+
 def test_macs_leave_the_scan_to_the_formula_and_the_model_as_it_was():
     """The reference scan's einsum must not reach the counter (it would be counted twice: the counter's share is the
     hand count less the two formula parts); counting leaves the model's mode and weights as they were."""

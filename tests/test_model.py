@@ -311,31 +311,35 @@ def test_conv1d_silu_is_the_official_depthwise_conv(reverse):
 
 @pytest.mark.parametrize("scan", ["ref", "triton"])
 def test_the_triton_scan_brings_the_triton_convs(scan, monkeypatch):
-    """With the Triton scan the mixer's two convs go to models/conv_triton.py's kernel, with each direction's own
-    weights; with any other scan they stay the PyTorch conv (the kernel stood in for by it here, as the CPU cannot
-    compile it; tests/test_conv_triton.py checks the kernel itself)."""
+    """With the Triton scan the mixer's two convs and x_projs go to models/conv_triton.py's op, with each direction's
+    own weights; with any other scan they stay the PyTorch conv and nn.Linear (the op stood in for by them here, as
+    the CPU cannot compile it; tests/test_conv_triton.py checks the op itself)."""
     pytest.importorskip("triton")
     import models.conv_triton
     from models.bimamba import conv1d_silu
     calls = []
 
-    def stand_in(x, w_f, b_f, w_b, b_b):
-        calls.append((w_f, b_f, w_b, b_b))
-        return conv1d_silu(x, w_f, b_f), conv1d_silu(x, w_b, b_b, reverse=True)
+    def stand_in(x, w_f, b_f, w_b, b_b, p_f, p_b):
+        calls.append((w_f, b_f, w_b, b_b, p_f, p_b))
+        u_f, u_b = conv1d_silu(x, w_f, b_f), conv1d_silu(x, w_b, b_b, reverse=True)
+        return u_f, u_b, u_f @ p_f.t(), u_b @ p_b.t()
 
     monkeypatch.setattr(models.conv_triton, "conv_pair_silu", stand_in)
     torch.manual_seed(0)
     mixer = BiMambaMixer(8)
     mixer.set_kernels(scan, False)
     x = torch.randn(2, 5, mixer.d_inner)
-    u_f, u_b = mixer._convs(x)
+    u_f, u_b, q_f, q_b = mixer._convs(x)
     torch.testing.assert_close(u_f, conv1d_silu(x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias))
     torch.testing.assert_close(u_b, conv1d_silu(x, mixer.conv1d_b.weight.squeeze(1), mixer.conv1d_b.bias, True))
+    torch.testing.assert_close(q_f, mixer.x_proj(u_f))
+    torch.testing.assert_close(q_b, mixer.x_proj_b(u_b))
     assert len(calls) == (scan == "triton")
     if calls:
-        w_f, b_f, w_b, b_b = calls[0]
+        w_f, b_f, w_b, b_b, p_f, p_b = calls[0]
         assert torch.equal(w_f, mixer.conv1d.weight.squeeze(1)) and b_f is mixer.conv1d.bias
         assert torch.equal(w_b, mixer.conv1d_b.weight.squeeze(1)) and b_b is mixer.conv1d_b.bias
+        assert p_f is mixer.x_proj.weight and p_b is mixer.x_proj_b.weight
 
 
 def test_conv_stem_gives_the_patch_4_grid():
