@@ -391,6 +391,7 @@ def test_train_augment_deterministic_under_seed():
     assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_device_and_cpu_ops():
     x = sample_images(b=64).cuda()
