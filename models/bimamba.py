@@ -97,18 +97,31 @@ class BiMambaMixer(nn.Module):
         u_f, u_b = self._conv(x, self.conv1d, False), self._conv(x, self.conv1d_b, True)
         return u_f, u_b, self.x_proj(u_f), self.x_proj_b(u_b)
 
-    def _direction(self, x, x_dbl, z, dt_proj, A_log, D, reverse, add=None):
-        """One scan direction over x (the conv's output), x_dbl (its x_proj), z: (B, L, D_in) -> half its output, plus
-        add when given (B, D_in, L). The backward direction (reverse) scans the tokens from last to first; its output
-        comes back in the tokens' order."""
+    def _scan_inputs(self, x, x_dbl, dt_proj, A_log, D):
+        """One direction's scan inputs from x (the conv's output) and x_dbl (its x_proj), (B, L, *) -> (u, delta, A,
+        B, C, D, delta_bias), the activations as (B, *, L) views: the Triton kernel reads them without copies."""
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ dt_proj.weight.t()                                       # (B, L, D_in); bias goes in the scan
         A = -torch.exp(A_log.float())                                      # (D_in, N)
+        return (x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D.float(),
+                dt_proj.bias.float())
+
+    def _scans(self, inputs_f, inputs_b, z):
+        """Both directions' scans over their _scan_inputs and the gate z (B, D_in, L) -> (y_f + y_b) / 2, (B, D_in, L).
+        The backward direction (reverse) scans the tokens from last to first; its output comes back in the tokens'
+        order. The mean is in the scans' epilogues: the second adds half its output to half the first's, so no
+        separate kernel reads both and none halves the gradient (docs/SPEED.md). With the Triton scan both are one op
+        (models/scan_triton.py's scan pair), whose backward sums the two directions' gradients of z in its second
+        kernel, not in an add kernel of their own."""
+        if self.scan_backend == "triton":
+            from models.scan_triton import selective_scan_pair_triton
+            return selective_scan_pair_triton(*inputs_f, *inputs_b, z, delta_softplus=True)
         scan = get_scan_fn(self.scan_backend)
-        # (B, L, *) activations go in as (B, *, L) views: the Triton kernel reads them without copies
-        return scan(x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D.float(),
-                    z=z.transpose(1, 2), delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse,
-                    out_scale=0.5, out_add=add)
+        y = None
+        for (u, dt, A, B, C, D, bias), reverse in ((inputs_f, False), (inputs_b, True)):
+            y = scan(u, dt, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True, reverse=reverse, out_scale=0.5,
+                     out_add=y)
+        return y
 
     def forward(self, hidden):
         """hidden: (B, L, d_model) -> (B, L, d_model)."""
@@ -117,10 +130,8 @@ class BiMambaMixer(nn.Module):
         w_x, w_z = self.in_proj.weight.chunk(2)
         x, z = F.linear(hidden, w_x), F.linear(hidden, w_z)                # (B, L, D_in) each
         u_f, u_b, x_dbl_f, x_dbl_b = self._convs(x)
-        # the directions' mean, (y_f + y_b) / 2, in the scans' epilogues: the second adds half its output to half
-        # the first's, so no separate kernel reads both and none halves the gradient (docs/SPEED.md)
-        y = self._direction(u_f, x_dbl_f, z, self.dt_proj, self.A_log, self.D, reverse=False)
-        y = self._direction(u_b, x_dbl_b, z, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True, add=y)
+        y = self._scans(self._scan_inputs(u_f, x_dbl_f, self.dt_proj, self.A_log, self.D),
+                        self._scan_inputs(u_b, x_dbl_b, self.dt_proj_b, self.A_b_log, self.D_b), z.transpose(1, 2))
         return self.out_proj(y.transpose(1, 2))
 
 

@@ -13,7 +13,9 @@ Every backend has the signature of mamba-ssm's ``selective_scan_fn``:
 
 plus ``reverse``: scan from the last step to the first (the same as flipping every (B, *, L) input along L, scanning
 and flipping the output back). Vim's backward direction uses it, and the mixer averages its two directions with the
-epilogue: the second scan adds half its output to half the first's.
+epilogue: the second scan adds half its output to half the first's. With the triton backend the mixer makes the two
+calls one op, ``models.scan_triton.selective_scan_pair_triton`` (its backward sums the directions' gradients of z in
+its kernel); it has no place here, where every backend gives the one-direction scan above.
 
 Backends: ``ref`` (pure PyTorch, runs anywhere), ``cuda`` (mamba-ssm's kernel) and ``triton`` (our kernel for short
 sequences, ``models/scan_triton.py``). ``auto`` takes the fastest one that can run on the device: triton on CUDA (then

@@ -13,6 +13,14 @@ Same signature and semantics as ``models.scan.selective_scan_ref`` (and mamba-ss
 plus ``reverse``: scan from the last step to the first, reading the same memory (Vim's backward direction).
 Inputs may be fp32, fp16 or bf16 with any strides; arithmetic is fp32. N is at most 32.
 
+The scan pair (``selective_scan_pair_triton``) is the mixer's two directions over one gate z as one op: the forward
+direction's output halved, then the backward direction's (reverse) halved and added to it, by the same kernels. Its
+backward runs the backward direction's backward, which writes dz, then the forward direction's with ``DZ_ADD``: pass 2
+reads the dz stored there (a chunk ahead, with the chunk's other loads; each lane its own elements) and stores the
+sum. As two ops, each wrote its own dz and autograd added them in a kernel of its own, three passes over a (B, L, D)
+tensor a layer (estimated at 1.7% of the training step at 257 tokens, batch 512). The pair saves the same inputs as
+the two ops did; pass 2 with ``DZ_ADD`` fits its registers without spills (tools/scan_regs.py).
+
 Work split. A program is one warp: one batch element, 32 channels (one per lane), every state. Each state is its own
 channel vector (a tuple of N registers per lane), so sums over the states (y, and the backward's sums for du and
 ddelta) are adds inside a lane and every per-channel quantity (softplus, gates) is computed once per lane. Nothing of
@@ -226,6 +234,20 @@ def _lane_loads(u_ptr, dt_ptr, z_ptr, g_ptr, t0, L, s_ul, s_tl, s_zl, s_gl,
         if HAS_G:
             g = tl.load(g_ptr + p * s_gl)
         out = out + ((u, tl.load(dt_ptr + p * s_tl), z, g),)
+    return out
+
+
+@triton.jit
+def _dz_loads(dz_ptr, t0, L, s_dzl, K: tl.constexpr, DZ_ADD: tl.constexpr, REVERSE: tl.constexpr):
+    """With DZ_ADD, the dz already stored (by the other direction's backward) at steps t0 .. t0+K-1 (clamped to the
+    sequence), from per-lane pointers; else nothing. A lane stores a step's sum only after it has loaded the step: each
+    lane reads and writes its own elements, so no load sees this kernel's stores. Loaded with the chunk's other loads:
+    loaded where the sum is stored, ptxas issued it no earlier than the previous step's atomic adds, about 200
+    instructions before its use (for sm_90: 252 registers this way, 255 that way, neither spills)."""
+    out = ()
+    if DZ_ADD:
+        for k in tl.static_range(K):
+            out = out + (tl.load(dz_ptr + _clamped(t0 + k, L, REVERSE) * s_dzl),)
     return out
 
 
@@ -469,7 +491,8 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 s_dub, s_dud, s_dul, s_dtb, s_dtd, s_dtl, s_dzb, s_dzd, s_dzl,
                 N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                LOG2N: tl.constexpr, CHUNK: tl.constexpr, PACKED: tl.constexpr, PASS: tl.constexpr):
+                LOG2N: tl.constexpr, CHUNK: tl.constexpr, PACKED: tl.constexpr, DZ_ADD: tl.constexpr,
+                PASS: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     lane = tl.arange(0, BLOCK_D)
@@ -486,6 +509,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
     du_ptr += pid_b * s_dub
     ddt_ptr += pid_b * s_dtb
     dz_ptr += pid_b * s_dzb
+    dz_in = dz_ptr + offs_c * s_dzd  # per-lane pointers of the dz to add to (DZ_ADD)
     dB_ptr += pid_b * L * N
     dC_ptr += pid_b * L * N
     n_chunks = tl.cdiv(L, CHUNK)
@@ -533,7 +557,8 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, c * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK, HAS_Z,
                            True, REVERSE),
                _spread(B_ptr, s_Bl, s_Bn, c * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE),
-               _spread(C_ptr, s_Cl, s_Cn, c * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
+               _spread(C_ptr, s_Cl, s_Cn, c * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE),
+               _dz_loads(dz_in, c * CHUNK, L, s_dzl, CHUNK, DZ_ADD, REVERSE))
         for i in range(0, n_chunks):
             c = n_chunks - 1 - i
             cur = nxt
@@ -542,7 +567,8 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                    _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, cn * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK,
                                HAS_Z, True, REVERSE),
                    _spread(B_ptr, s_Bl, s_Bn, cn * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE),
-                   _spread(C_ptr, s_Cl, s_Cn, cn * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
+                   _spread(C_ptr, s_Cl, s_Cn, cn * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE),
+                   _dz_loads(dz_in, cn * CHUNK, L, s_dzl, CHUNK, DZ_ADD, REVERSE))
             ld = cur[1]
             h = cur[0]
             hs = ()    # hs[k] = h_{t-1} of the chunk's k-th step t, where not in shared memory
@@ -578,6 +604,8 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 dy = tl.where(m_d, ld[k][3].to(tl.float32) * scale, 0.0)  # 0 past the sequence: g passes through
                 if HAS_Z:
                     dz, dy = _gate_back(dy, ld[k][2], u, Ct, hc, Dv, BLOCK_N)
+                    if DZ_ADD:  # + the other direction's dz, read a chunk ahead (its backward ran before this one)
+                        dz += cur[4][k].to(tl.float32)
                     tl.store(dz_ptr + p * s_dzl + offs_d * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
                 du, ddt, q, dA_acc, dBp, dCp = _adjoint_step(u, dt, x, dy, Bt, Ct, hp, hc, q, dA_acc, A2, Dv,
                                                              zero, m_d, BLOCK_N, SOFTPLUS)
@@ -646,10 +674,14 @@ def _forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
     return grid, args, dict(meta, HAS_ADD=out_add is not None, GROUP=GROUP, num_warps=1), out
 
 
-def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale=1.0):
+def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale=1.0,
+                     dz_out=None):
     """-> (grid, arguments, compile-time constants but PASS, output buffers) of the backward kernel's two launches,
-    one per pass (the registers tool, tools/scan_regs.py, compiles exactly these without a GPU)."""
+    one per pass (the registers tool, tools/scan_regs.py, compiles exactly these without a GPU). dz_out: z's gradient
+    from the other direction's backward (the scan pair's), which pass 2 adds its own to (DZ_ADD), in place."""
     Bsz, Dim, L = u.shape
+    if dz_out is not None and (z is None or dz_out.shape != z.shape or dz_out.dtype != z.dtype):
+        raise ValueError("dz_out must be z's gradient: z's shape and dtype")
     meta = _meta(u, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     N, block_n = meta["N"], meta["BLOCK_N"]
     chunk = min(CHUNK, L)
@@ -658,7 +690,7 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     grid = (triton.cdiv(Dim, LANES), Bsz)
     f32 = dict(dtype=torch.float32, device=u.device)
     du, ddelta = _empty_like_bdl(u), _empty_like_bdl(delta)
-    dz = _empty_like_bdl(z) if z is not None else None
+    dz = _empty_like_bdl(z) if z is not None and dz_out is None else dz_out
     dB, dC = (torch.zeros(Bsz, L, N, **f32) for _ in range(2))
     dA = torch.empty(Bsz, N, Dim, **f32)
     dD = torch.empty(Bsz, Dim, **f32)
@@ -672,7 +704,7 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
             du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, dbias, ck,
             Dim, L, float(out_scale), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_strides,
             *dout.stride(), *du.stride(), *ddelta.stride(), *(dz.stride() if dz is not None else (0, 0, 0)))
-    meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, num_warps=1)
+    meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, DZ_ADD=dz_out is not None, num_warps=1)
     return grid, args, meta, (du, ddelta, dz, dB, dC, dA, dD, dbias)
 
 
@@ -683,9 +715,9 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_a
     return out
 
 
-def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale=1.0):
+def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale=1.0, dz_out=None):
     grid, args, meta, buffers = _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
-                                                 out_scale)
+                                                 out_scale, dz_out)
     _bwd_kernel[grid](*args, **meta, PASS=1)
     _bwd_kernel[grid](*args, **meta, PASS=2)
     # the gradients in the inputs' layouts and dtypes, per-batch partials summed
@@ -710,6 +742,35 @@ def _device(u):
     return torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext()
 
 
+def _check(u, delta, A, B, C, D, z, delta_bias, out_add=None):
+    """The scan's input checks (ValueError), made before anything launches."""
+    Bsz, Dim, L = u.shape
+    N = A.shape[1]
+    if delta.shape != u.shape or (z is not None and z.shape != u.shape) or \
+            (out_add is not None and out_add.shape != u.shape):
+        raise ValueError("u, delta, z and out_add must all be (B, D, L)")
+    if A.shape != (Dim, N) or A.is_complex():
+        raise ValueError(f"A must be a real (D, N) = ({Dim}, N) tensor, got {tuple(A.shape)} {A.dtype}")
+    if N > LANES:
+        raise ValueError(f"at most {LANES} states, got {N}")
+    if B.shape != (Bsz, N, L) or C.shape != (Bsz, N, L):
+        raise ValueError(f"B and C must be (B, N, L) = ({Bsz}, {N}, {L})")
+    if (D is not None and D.shape != (Dim,)) or (delta_bias is not None and delta_bias.shape != (Dim,)):
+        raise ValueError(f"D and delta_bias must be ({Dim},)")
+    if Bsz > 65535:  # the batch is the second grid axis
+        raise ValueError(f"batch {Bsz} is above 65535; split it")
+
+
+def _listed(grads, like):
+    """Gradients as a custom op returns them: a list of tensors, an absent one as an empty tensor."""
+    return [like.new_empty(0) if g is None else g for g in grads]
+
+
+def _given(grads, inputs):
+    """A custom op's listed gradients back for autograd: None for the inputs that were absent."""
+    return tuple(None if x is None else g for g, x in zip(grads, inputs))
+
+
 def scan_op(name, forward, backward):
     """-> a selective scan function (``selective_scan_triton``'s signature and checks) running ``forward`` and
     ``backward`` (``_forward``'s and ``_backward``'s signatures) as the custom ops vim::<name>_fwd and _bwd, so that
@@ -725,7 +786,7 @@ def scan_op(name, forward, backward):
             out_scale: float) -> List[Tensor]:
         with _device(u):
             grads = backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale)
-        return [u.new_empty(0) if g is None else g for g in grads]
+        return _listed(grads, u)
 
     fwd_op = torch.library.custom_op(f"vim::{name}_fwd", fwd, mutates_args=())
     bwd_op = torch.library.custom_op(f"vim::{name}_bwd", bwd, mutates_args=())
@@ -736,7 +797,7 @@ def scan_op(name, forward, backward):
 
     @bwd_op.register_fake
     def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale):
-        return [u.new_empty(0) if g is None else g for g in _grad_layouts(u, delta, A, B, C, D, z, delta_bias)]
+        return _listed(_grad_layouts(u, delta, A, B, C, D, z, delta_bias), u)
 
     def setup_context(ctx, inputs, output):
         *tensors, ctx.delta_softplus, ctx.reverse, out_add, ctx.out_scale = inputs
@@ -746,30 +807,15 @@ def scan_op(name, forward, backward):
     def scan_backward(ctx, dout):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         grads = bwd_op(dout, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.reverse, ctx.out_scale)
-        inputs = (u, delta, A, B, C, D, z, delta_bias)
         # out_add's gradient is dout itself: passed on, not copied
-        return (*(None if x is None else g for g, x in zip(grads, inputs)), None, None,
-                dout if ctx.has_add else None, None)
+        return (*_given(grads, (u, delta, A, B, C, D, z, delta_bias)), None, None, dout if ctx.has_add else None,
+                None)
 
     fwd_op.register_autograd(scan_backward, setup_context=setup_context)
 
     def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False,
              out_scale=1.0, out_add=None):
-        Bsz, Dim, L = u.shape
-        N = A.shape[1]
-        if delta.shape != u.shape or (z is not None and z.shape != u.shape) or \
-                (out_add is not None and out_add.shape != u.shape):
-            raise ValueError("u, delta, z and out_add must all be (B, D, L)")
-        if A.shape != (Dim, N) or A.is_complex():
-            raise ValueError(f"A must be a real (D, N) = ({Dim}, N) tensor, got {tuple(A.shape)} {A.dtype}")
-        if N > LANES:
-            raise ValueError(f"at most {LANES} states, got {N}")
-        if B.shape != (Bsz, N, L) or C.shape != (Bsz, N, L):
-            raise ValueError(f"B and C must be (B, N, L) = ({Bsz}, {N}, {L})")
-        if (D is not None and D.shape != (Dim,)) or (delta_bias is not None and delta_bias.shape != (Dim,)):
-            raise ValueError(f"D and delta_bias must be ({Dim},)")
-        if Bsz > 65535:  # the batch is the second grid axis
-            raise ValueError(f"batch {Bsz} is above 65535; split it")
+        _check(u, delta, A, B, C, D, z, delta_bias, out_add)
         return fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), out_add,
                       float(out_scale))
 
@@ -781,3 +827,92 @@ def scan_op(name, forward, backward):
 
 
 selective_scan_triton = scan_op("selective_scan", _forward, _backward)
+
+
+# ------------------------------------------------------------------------------------------------ the scan pair
+
+def _pair_forward(u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b, bias_b, z, delta_softplus):
+    """The mixer's two scans: the forward direction's output halved (a temporary), then the backward direction's
+    (reverse) halved and added to it."""
+    y_f = _forward(u_f, dt_f, A_f, B_f, C_f, D_f, z, bias_f, delta_softplus, False, None, 0.5)
+    return _forward(u_b, dt_b, A_b, B_b, C_b, D_b, z, bias_b, delta_softplus, True, y_f, 0.5)
+
+
+def _pair_order(grads_f, grads_b):
+    """Two directions' gradients in _backward's order (u, delta, A, B, C, D, z, delta_bias) -> the pair's inputs'
+    order: each direction's u, delta, A, B, C, D, delta_bias, then z (the one z gradient, in grads_b)."""
+    return (*grads_f[:6], grads_f[7], *grads_b[:6], grads_b[7], grads_b[6])
+
+
+def _pair_backward(dout, u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b, bias_b, z,
+                   delta_softplus):
+    """Both directions' backwards, the same dout for both (each halves it as it reads it): the backward direction's
+    first, which writes dz, then the forward direction's, which adds its own dz into that buffer as it stores it."""
+    grads_b = _backward(dout, u_b, dt_b, A_b, B_b, C_b, D_b, z, bias_b, delta_softplus, True, 0.5)
+    grads_f = _backward(dout, u_f, dt_f, A_f, B_f, C_f, D_f, z, bias_f, delta_softplus, False, 0.5,
+                        dz_out=grads_b[6])
+    return _pair_order(grads_f, grads_b)
+
+
+@torch.library.custom_op("vim::selective_scan_pair_fwd", mutates_args=())
+def _pair_fwd_op(u_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor, D_f: Optional[Tensor],
+                 bias_f: Optional[Tensor], u_b: Tensor, dt_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor,
+                 D_b: Optional[Tensor], bias_b: Optional[Tensor], z: Tensor, delta_softplus: bool) -> Tensor:
+    with _device(z):
+        return _pair_forward(u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b, bias_b, z,
+                             delta_softplus)
+
+
+@torch.library.custom_op("vim::selective_scan_pair_bwd", mutates_args=())
+def _pair_bwd_op(dout: Tensor, u_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor,
+                 D_f: Optional[Tensor], bias_f: Optional[Tensor], u_b: Tensor, dt_b: Tensor, A_b: Tensor, B_b: Tensor,
+                 C_b: Tensor, D_b: Optional[Tensor], bias_b: Optional[Tensor], z: Tensor,
+                 delta_softplus: bool) -> List[Tensor]:
+    with _device(z):
+        return _listed(_pair_backward(dout, u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b,
+                                      bias_b, z, delta_softplus), z)
+
+
+@_pair_fwd_op.register_fake
+def _(u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b, bias_b, z, delta_softplus):
+    return _empty_like_bdl(u_b)  # (the second scan's output)
+
+
+@_pair_bwd_op.register_fake
+def _(dout, u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b, bias_b, z, delta_softplus):
+    return _listed(_pair_order(_grad_layouts(u_f, dt_f, A_f, B_f, C_f, D_f, z, bias_f),
+                               _grad_layouts(u_b, dt_b, A_b, B_b, C_b, D_b, z, bias_b)), z)
+
+
+def _pair_setup_context(ctx, inputs, output):
+    *tensors, ctx.delta_softplus = inputs
+    ctx.save_for_backward(*tensors)  # the inputs, as the two single scans save them (z once, as shared there)
+
+
+def _pair_grads(ctx, dout):
+    tensors = ctx.saved_tensors
+    return (*_given(_pair_bwd_op(dout, *tensors, ctx.delta_softplus), tensors), None)
+
+
+_pair_fwd_op.register_autograd(_pair_grads, setup_context=_pair_setup_context)
+
+
+def selective_scan_pair_triton(u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b, bias_b, z,
+                               delta_softplus=True):
+    """Vim's two scan directions over one gate z as one op: the mixer's
+
+        y = selective_scan_triton(u_f, dt_f, A_f, B_f, C_f, D_f, z, bias_f, delta_softplus, out_scale=0.5)
+        y = selective_scan_triton(u_b, dt_b, A_b, B_b, C_b, D_b, z, bias_b, delta_softplus, reverse=True,
+                                  out_scale=0.5, out_add=y)
+
+    by the same kernels (D and delta_bias may be None). Differentiable w.r.t. every tensor input, with the two calls'
+    gradients, z's summed over the directions by the second backward's kernel as it stores it (module docstring): in
+    16-bit z, rounded once, not once per direction and again for the sum. Returns (B, D, L) laid out as
+    selective_scan_triton lays out its output."""
+    if z is None:
+        raise ValueError("the scan pair needs z (its backward adds the directions' gradients of z)")
+    for u, delta, A, B, C, D, delta_bias in ((u_f, dt_f, A_f, B_f, C_f, D_f, bias_f),
+                                             (u_b, dt_b, A_b, B_b, C_b, D_b, bias_b)):
+        _check(u, delta, A, B, C, D, z, delta_bias)
+    return _pair_fwd_op(u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b, bias_b, z,
+                        bool(delta_softplus))

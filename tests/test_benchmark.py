@@ -91,8 +91,9 @@ def test_conv_stem_refuses_other_strides(capsys):
 
 
 def test_scan_regs_compiles_for_a_gpu_without_one(tmp_path, capsys):
-    """tools/scan_regs.py: the Triton kernels compiled for sm_90 here, registers and spills read from the cubin; the
-    configured chunk length is restored afterwards."""
+    """tools/scan_regs.py: the Triton kernels compiled for sm_90 here (pass 2 also as the scan pair's second backward
+    runs it, adding dz), registers and spills read from the cubin; the configured chunk length is restored
+    afterwards."""
     pytest.importorskip("triton")
     from tools import scan_regs
     import models.scan_triton as st
@@ -100,17 +101,17 @@ def test_scan_regs_compiles_for_a_gpu_without_one(tmp_path, capsys):
     out = tmp_path / "regs.json"
     assert scan_regs.main(["--chunks", "1", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [(r["kernel"], r["chunk"]) for r in rows] == [("fwd", None), ("pass1", 1), ("pass2", 1), ("pass1", 2),
-                                                         ("pass2", 2)]
+    assert [(r["kernel"], r["chunk"]) for r in rows] == [("fwd", None)] + [
+        (kind, chunk) for chunk in (1, 2) for kind in ("pass1", "pass2", "pass2_dz_add")]
     assert all(0 < r["regs"] <= 255 and r["stack_bytes"] >= 0 and r["arch"] == 90 for r in rows)
     # each kernel's loop over the sequence (the backward's passes are two kernels); per step = loop / steps an iteration
-    assert [len(r["loop_instructions"]) for r in rows] == [1, 1, 1, 1, 1]
+    assert [len(r["loop_instructions"]) for r in rows] == [1] * 7
     for r in rows:
         steps = st.GROUP if r["kernel"] == "fwd" else r["chunk"]
         assert all(n > 50 for n in r["loop_instructions"])
         assert r["instructions_per_step"] == round(sum(r["loop_instructions"]) / steps, 1)
     out_text = capsys.readouterr().out
-    assert out_text.count("regs") == 5 and out_text.count("a step") == 5 and st.CHUNK == chunk
+    assert out_text.count("regs") == 7 and out_text.count("a step") == 7 and st.CHUNK == chunk
     assert scan_regs.main(["--chunks", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--chunks must be positive" in err
@@ -122,14 +123,18 @@ def test_scan_regs_compiles_the_models_launch():
     pytest.importorskip("triton")
     from tools import scan_regs
     import models.scan_triton as st
-    for kind, kernel in (("fwd", st._fwd_kernel), ("pass1", st._bwd_kernel), ("pass2", st._bwd_kernel)):
+    for kind, kernel in (("fwd", st._fwd_kernel), ("pass1", st._bwd_kernel), ("pass2", st._bwd_kernel),
+                         ("pass2_dz_add", st._bwd_kernel)):
         grid, args, meta = scan_regs.model_case(kind)
         strides = dict(zip(kernel.arg_names, args))
         assert grid == (768 // 32, scan_regs.MODEL_CASE["batch"])
         assert strides["s_ud"] == strides["s_td"] == strides["s_zd"] == strides["s_od"] == 1
         assert strides["s_Bn"] == strides["s_Cn"] == 1 and strides["s_ul"] == 768
         assert meta["HAS_Z"] and meta["SOFTPLUS"] and meta["BLOCK_N"] == 16 and meta["PACKED"]
-        assert meta.get("PASS") == {"fwd": None, "pass1": 1, "pass2": 2}[kind]
+        assert meta.get("PASS") == {"fwd": None, "pass1": 1, "pass2": 2, "pass2_dz_add": 2}[kind]
+        assert meta.get("DZ_ADD") == {"fwd": None, "pass1": False, "pass2": False, "pass2_dz_add": True}[kind]
+        if kind == "pass2_dz_add":  # dz_out laid out as z, the model's (B, L, D) memory
+            assert strides["s_dzd"] == 1 and strides["s_dzl"] == 768
     # compiled as Triton's launcher specialises that call: unit strides are constants, aligned pointers marked
     ttir = scan_regs.compile_kernel("fwd", 90).asm["ttir"]
     signature = ttir[ttir.index("tt.func public @_fwd_kernel"):].split("\n")[0]

@@ -342,6 +342,54 @@ def test_the_triton_scan_brings_the_triton_convs(scan, monkeypatch):
         assert p_f is mixer.x_proj.weight and p_b is mixer.x_proj_b.weight
 
 
+@pytest.mark.parametrize("scan", ["ref", "triton"])
+def test_the_triton_scan_runs_both_directions_as_one_op(scan, monkeypatch):
+    """With the Triton scan the mixer's two scans go to models/scan_triton.py's scan pair, once, with each direction's
+    own parameters; with any other scan they stay two calls of the backend's scan (the forward direction, then the
+    reverse one adding half its output to half the first's). The pair (and the Triton conv op that comes with it) are
+    stood in for by the reference scan (and conv) composed the same way, as the CPU cannot compile them;
+    tests/test_scan_triton.py checks the pair itself. Either way the output is the plain mixer's."""
+    pytest.importorskip("triton")
+    import models.bimamba as bimamba
+    import models.conv_triton
+    import models.scan_triton
+    from models.bimamba import conv1d_silu
+    from models.scan import selective_scan_ref
+    mixer, h = mixer_and_input(3)
+    want = mixer(h)  # the reference scan's two calls
+    pairs, singles = [], []
+
+    def conv_stand_in(x, w_f, b_f, w_b, b_b, p_f, p_b):
+        u_f, u_b = conv1d_silu(x, w_f, b_f), conv1d_silu(x, w_b, b_b, reverse=True)
+        return u_f, u_b, u_f @ p_f.t(), u_b @ p_b.t()
+
+    def pair_stand_in(u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b, bias_b, z,
+                      delta_softplus=True):
+        pairs.append(dict(A_f=A_f, D_f=D_f, bias_f=bias_f, A_b=A_b, D_b=D_b, bias_b=bias_b, softplus=delta_softplus))
+        y = selective_scan_ref(u_f, dt_f, A_f, B_f, C_f, D_f, z, bias_f, delta_softplus, out_scale=0.5)
+        return selective_scan_ref(u_b, dt_b, A_b, B_b, C_b, D_b, z, bias_b, delta_softplus, reverse=True,
+                                  out_scale=0.5, out_add=y)
+
+    def single(*args, **kw):
+        singles.append(kw)
+        return selective_scan_ref(*args, **kw)
+
+    monkeypatch.setattr(models.conv_triton, "conv_pair_silu", conv_stand_in)
+    monkeypatch.setattr(models.scan_triton, "selective_scan_pair_triton", pair_stand_in)
+    monkeypatch.setattr(bimamba, "get_scan_fn", lambda backend: single)
+    mixer.set_kernels(scan, False)
+    torch.testing.assert_close(mixer(h), want, rtol=1e-5, atol=1e-6)
+    if scan == "triton":
+        assert len(pairs) == 1 and not singles
+        got = pairs[0]
+        assert got["D_f"] is mixer.D and got["bias_f"] is mixer.dt_proj.bias and got["softplus"] is True
+        assert got["D_b"] is mixer.D_b and got["bias_b"] is mixer.dt_proj_b.bias
+        assert torch.equal(got["A_f"], -torch.exp(mixer.A_log)) and torch.equal(got["A_b"], -torch.exp(mixer.A_b_log))
+    else:
+        assert not pairs and [(kw["reverse"], kw["out_scale"], kw["out_add"] is None) for kw in singles] == \
+            [(False, 0.5, True), (True, 0.5, False)]
+
+
 def test_conv_stem_gives_the_patch_4_grid():
     """--stem conv: two stride-2 stages, so 32x32 -> 8x8 = 64 tokens + the class token, like patch 4; the class token
     still sits in the middle; every stem parameter learns."""

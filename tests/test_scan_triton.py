@@ -9,6 +9,9 @@ tests run the same cases compiled.
 
 GPU (@pytest.mark.gpu): the same small cases, then model-sized ones (B=64, D=768, N=16, L=65 and 257, and a batch of 1)
 in fp32 and bf16 against the reference and, when mamba-ssm is installed, against its CUDA kernel.
+
+The scan pair (both directions as one op) is checked against two single scans composed as the mixer composes them,
+on the CPU's small cases and, on a GPU, the same cases and the model's shapes.
 """
 import os
 import sys
@@ -135,6 +138,89 @@ def check_case(case, device, dtype, tol, variant=None):
     assert (got["out"].stride(1) == 1) == (inputs["u"].stride(1) == 1)
 
 
+# The scan pair: batch 2, L not a power of two, one step, several channel blocks, with and without D and delta_bias,
+# both layouts; the backward direction's inputs drawn with another seed.
+PAIR_CASES = [
+    _case(2, 40, 16, 17, seed=20),
+    _case(2, 8, 4, 1, seed=21),
+    _case(2, 24, 16, 9, has_D=False, bias=False, seed=22),
+    _case(1, 16, 8, 6, has_D=False, layout="bdl", seed=23),
+    _case(2, 8, 16, 13, bias=False, softplus=False, seed=24),
+]
+PAIR_BF16_CASES = [PAIR_CASES[0], PAIR_CASES[2]]  # (B, L, N) B and C, even N: the packed loads
+PAIR_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+
+
+def run_pair(pair, inputs_f, inputs_b, softplus):
+    """Output and every input's gradient of the mixer's two scans over one z, as {"out", "dz", "f.du", ..., "b.du",
+    ...} (None for absent inputs): by the scan pair (pair=True), or by two selective_scan_triton calls composed as the
+    mixer composed them before the pair (the second reverse, both halved, the first's output added by the second).
+    Also "dz.f": z's gradient through the forward direction alone (two calls only)."""
+    from models.scan_triton import selective_scan_pair_triton, selective_scan_triton
+    leaves = [{k: x[k].detach().clone().requires_grad_() for k in PAIR_NAMES if x[k] is not None}
+              for x in (inputs_f, inputs_b)]
+    z = inputs_f["z"].detach().clone().requires_grad_()
+    args = [[lv.get(k) for k in PAIR_NAMES] for lv in leaves]
+    extra = {}
+    if pair:
+        out = selective_scan_pair_triton(*args[0], *args[1], z, delta_softplus=softplus)
+    else:
+        out = None
+        for (u, delta, A, B, C, D, bias), reverse in zip(args, (False, True)):
+            out = selective_scan_triton(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=softplus,
+                                        reverse=reverse, out_scale=0.5, out_add=out)
+            if not reverse:
+                extra["dz.f"] = torch.autograd.grad(out, z, inputs_f["dout"], retain_graph=True)[0]
+    flat = [x for lv in leaves for x in lv.values()] + [z]
+    grads = iter(torch.autograd.grad(out, flat, inputs_f["dout"]))
+    result = {f"{d}.d{k}": (next(grads) if k in lv else None) for d, lv in zip("fb", leaves) for k in PAIR_NAMES}
+    return dict(result, out=out, dz=next(grads), **extra)
+
+
+def check_pair(case, device, dtype, tol):
+    """The scan pair's output and every gradient equal two single scans composed as the mixer composed them. The same
+    kernels: in fp32 they differ only in the order of dB's and dC's atomic adds on a GPU and in z's gradient's add
+    (compiled, fused with the multiply before it into one fma); in bf16 z's gradient is also rounded once, not twice.
+    z's gradient is both directions' sum: further from either direction's alone than 10 * tol."""
+    inputs_f = make_inputs(case, device, dtype)
+    inputs_b = make_inputs(dict(case, seed=case["seed"] + 100), device, dtype)
+    got = run_pair(True, inputs_f, inputs_b, case["softplus"])
+    want = run_pair(False, inputs_f, inputs_b, case["softplus"])
+    errors = {}
+    for name, a in got.items():
+        b = want[name]
+        assert (a is None) == (b is None), f"{name}: one of the two is None"
+        if b is not None:
+            assert a.shape == b.shape and a.dtype == b.dtype, f"{name}: {a.shape} {a.dtype} vs {b.shape} {b.dtype}"
+            assert torch.isfinite(a).all(), f"{name}: not finite"
+            errors[name] = _rel(a, b)
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
+    assert got["out"].stride() == want["out"].stride()
+    alone = {"forward": want["dz.f"], "backward": want["dz"] - want["dz.f"]}
+    for direction, dz in alone.items():
+        assert _rel(got["dz"], dz) > 10 * tol, f"z's gradient is the {direction} direction's alone"
+
+
+def check_pair_ops():
+    """torch.library's checks of the pair's two custom ops (schema, autograd registration, fake tensors against real
+    ones, AOT dispatch): what torch.compile relies on, on a case without D and delta_bias (absent gradients)."""
+    import models.scan_triton as st
+    case = PAIR_CASES[2]
+    inputs = [make_inputs(case, "cpu"), make_inputs(dict(case, seed=case["seed"] + 100), "cpu")]
+    args = [None if x[k] is None else x[k].requires_grad_() for x in inputs for k in PAIR_NAMES]
+    z = inputs[0]["z"].requires_grad_()
+    torch.library.opcheck(st._pair_fwd_op, (*args, z, True))
+    torch.library.opcheck(st._pair_bwd_op, (inputs[0]["dout"], *(None if a is None else a.detach() for a in args),
+                                            z.detach(), True))
+
+
+def _rel(a, b):
+    """Max abs difference relative to b's max abs value."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+
+
 def check_model(compiled):
     """A small Vim: loss and every gradient with a Triton scan (optionally under torch.compile, where the scan is
     an opaque custom operator and the conv, SiLU and the rest are fused) equal the reference path's."""
@@ -165,6 +251,11 @@ def _child_main(out_path):
     checks += [(f"bf16-{case['id']}", lambda case=case: check_case(case, "cpu", torch.bfloat16, tol=2e-2))
                for case in BF16_CASES]
     checks += [("model_eager", lambda: check_model(compiled=False)), ("model_compiled", lambda: check_model(True))]
+    checks += [(f"pair-{case['id']}", lambda case=case: check_pair(case, "cpu", torch.float32, tol=1e-6))
+               for case in PAIR_CASES]
+    checks += [(f"pair-bf16-{case['id']}", lambda case=case: check_pair(case, "cpu", torch.bfloat16, tol=2e-2))
+               for case in PAIR_BF16_CASES]
+    checks += [("pair_ops", check_pair_ops)]
     for variant, settings in VARIANTS.items():
         checks += [(f"{variant}-{case['id']}",
                     lambda case=case, settings=settings: check_case(case, "cpu", torch.float32, 1e-4, settings))
@@ -195,6 +286,22 @@ def test_interpreted_bf16_matches_reference(case, interpreted_results):
     assert failure is None, failure
 
 
+@pytest.mark.parametrize("case", PAIR_CASES, ids=[c["id"] for c in PAIR_CASES])
+def test_interpreted_pair_matches_two_scans(case, interpreted_results):
+    failure = interpreted_results[f"pair-{case['id']}"]
+    assert failure is None, failure
+
+
+@pytest.mark.parametrize("case", PAIR_BF16_CASES, ids=[c["id"] for c in PAIR_BF16_CASES])
+def test_interpreted_pair_bf16_matches_two_scans(case, interpreted_results):
+    failure = interpreted_results[f"pair-bf16-{case['id']}"]
+    assert failure is None, failure
+
+
+def test_interpreted_pair_ops_pass_torch_librarys_checks(interpreted_results):
+    assert interpreted_results["pair_ops"] is None, interpreted_results["pair_ops"]
+
+
 def test_backward_scratch_holds_every_chunk_start_but_the_first():
     """Pass 1 stores the state that starts each chunk but the first (per block of 32 channels and batch element: fp32
     for fp32 inputs, else bf16); pass 2 reads them back. One chunk (L <= CHUNK) stores nothing (a one-value
@@ -210,6 +317,39 @@ def test_backward_scratch_holds_every_chunk_start_but_the_first():
         assert grid == (2, 2) and "PASS" not in meta and ck.dtype == dtype
         chunks = -(-L // meta["CHUNK"])
         assert ck.numel() == max((chunks - 1) * grid[0] * grid[1] * meta["BLOCK_N"] * 32, 1), (dtype, n, L)
+
+
+def test_the_pairs_second_backward_adds_into_the_firsts_dz():
+    """Given dz_out (the scan pair's second backward), pass 2 stores z's gradient into that buffer, adding to it
+    (DZ_ADD), and allocates none of its own; without it, a new buffer and no add. A dz_out unlike z is refused."""
+    pytest.importorskip("triton")
+    import models.scan_triton as st
+    x = make_inputs(_case(2, 40, 16, 7), "cpu", torch.bfloat16)
+    ins = (x["dout"], x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, False)
+    _, args, meta, buffers = st._backward_launch(*ins)
+    assert meta["DZ_ADD"] is False and args[11] is buffers[2] and buffers[2].shape == x["z"].shape
+    dz = torch.empty_like(x["z"])
+    _, args, meta, buffers = st._backward_launch(*ins, dz_out=dz)
+    assert meta["DZ_ADD"] is True and args[11] is dz and buffers[2] is dz
+    assert args[-3:] == dz.stride()
+    for bad in (dz.float(), dz[..., :6]):
+        with pytest.raises(ValueError, match="dz_out must be"):
+            st._backward_launch(*ins, dz_out=bad)
+
+
+def test_the_pair_checks_each_direction():
+    pytest.importorskip("triton")
+    from models.scan_triton import selective_scan_pair_triton
+    f, b = (make_inputs(_case(1, 8, 4, 6, seed=s), "cpu") for s in (0, 1))
+    args_f, args_b = ([x[k] for k in PAIR_NAMES] for x in (f, b))
+    with pytest.raises(ValueError, match="B and C must be"):
+        selective_scan_pair_triton(*args_f, *args_b[:3], args_b[3][..., :5], *args_b[4:], f["z"])
+    with pytest.raises(ValueError, match="D and delta_bias must be"):
+        selective_scan_pair_triton(*args_f[:5], f["D"][:4], *args_f[6:], *args_b, f["z"])
+    with pytest.raises(ValueError, match="u, delta, z and out_add must all be"):
+        selective_scan_pair_triton(*args_f, *args_b, f["z"][..., :5])
+    with pytest.raises(ValueError, match="needs z"):
+        selective_scan_pair_triton(*args_f, *args_b, None)
 
 
 VARIANT_IDS = [f"{variant}-{case['id']}" for variant in VARIANTS for case in VARIANT_CASES + SHORT_CASES]
@@ -253,18 +393,19 @@ def test_compiled_kernels_use_one_instruction_math_and_do_not_spill():
     """On a GPU the softplus and sigmoids take the special-function unit's single instructions (Triton's exact log
     and division are ~30-instruction sequences per step), and the backward keeps its chunk in registers: compiled for
     sm_90 here (the interpreter runs the exact forms, so only this sees the GPU's math). The backward's pass 1 runs
-    as a kernel of its own so that it is not held to pass 2's registers: it takes at most half as many."""
+    as a kernel of its own so that it is not held to pass 2's registers: it takes at most half as many. Pass 2 as the
+    scan pair's second backward runs it (adding its dz into the first's) does not spill either."""
     pytest.importorskip("triton")
     from tools import scan_regs
     regs = {}
-    for kind in ("fwd", "pass1", "pass2"):
+    for kind in ("fwd", "pass1", "pass2", "pass2_dz_add"):
         compiled = scan_regs.compile_kernel(kind, 90)
         ptx = compiled.asm["ptx"]
         assert "div.full" not in ptx and "div.rn" not in ptx and "div.approx" in ptx, kind
         assert ("lg2.approx" in ptx) and "ex2.approx.f32" not in ptx, kind  # each exp2 flushes denormals: 1 MUFU
         regs[kind], stack = scan_regs.resource_usage(compiled)
         assert regs[kind] <= 255 and stack == 0, (kind, regs[kind], stack)
-        if kind == "pass2":  # dB_t's and dC_t's sums over the lanes through shared memory (16 states)
+        if kind.startswith("pass2"):  # dB_t's and dC_t's sums over the lanes through shared memory (16 states)
             assert "ld.shared.v4.f32" in ptx
     assert regs["pass1"] * 2 <= regs["pass2"], regs
 
@@ -383,6 +524,31 @@ def test_gpu_variants(case, variant):
 @pytest.mark.parametrize("case", MODEL_CASES, ids=[c["id"] for c in MODEL_CASES])
 def test_gpu_model_shapes_match_reference(case, dtype):
     check_case(case, "cuda", dtype, tol=TOL[dtype])
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case", PAIR_CASES, ids=[c["id"] for c in PAIR_CASES])
+def test_gpu_pair_matches_two_scans(case):
+    check_pair(case, "cuda", torch.float32, tol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case", PAIR_BF16_CASES, ids=[c["id"] for c in PAIR_BF16_CASES])
+def test_gpu_pair_bf16_matches_two_scans(case):
+    check_pair(case, "cuda", torch.bfloat16, tol=2e-2)
+
+
+PAIR_MODEL_CASES = [_case(64, 768, 16, L, seed=30 + L) for L in (65, 257)]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", PAIR_MODEL_CASES, ids=[c["id"] for c in PAIR_MODEL_CASES])
+def test_gpu_pair_model_shapes_match_two_scans(case, dtype):
+    check_pair(case, "cuda", dtype, tol={torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype])
 
 
 @pytest.mark.gpu

@@ -12,7 +12,8 @@ Per kernel: registers per thread and stack bytes per thread (spilled registers l
 and the machine instructions in each loop over the sequence (from nvdisasm's SASS; per step: the loop's count divided
 by the steps one iteration takes, GROUP in the forward and the chunk length in each of the backward's two passes, a
 kernel each): with the latency of the loads, what bounds the scan (docs/SPEED.md). All for the model's case (bf16
-activations, fp32 parameters, 16 states, D, z, delta_bias and softplus on, forward scan).
+activations, fp32 parameters, 16 states, D, z, delta_bias and softplus on, forward scan); pass 2 twice, the second as
+the scan pair's second backward runs it (adding its dz to the one stored, DZ_ADD).
 Numbers belong to the installed Triton and ptxas: another Triton version may allocate differently.
 """
 import argparse
@@ -35,7 +36,8 @@ MODEL_CASE = dict(batch=2, dim=768, length=65, state=16, dt_rank=24)
 def model_case(kind):
     """-> (grid, arguments, constants) of the launch that models/scan_triton.py makes for the model's case (the same
     code builds them, so the compiled kernel is the one a GPU would run). kind: "fwd", or the backward's "pass1"
-    (the chunk states) or "pass2" (the gradients)."""
+    (the chunk states), "pass2" (the gradients) or "pass2_dz_add" (pass 2 adding dz into the buffer, as the scan
+    pair's second backward runs it)."""
     import torch
     import models.scan_triton as st
     b, d, length, n, r = (MODEL_CASE[k] for k in ("batch", "dim", "length", "state", "dt_rank"))
@@ -46,9 +48,10 @@ def model_case(kind):
     A, D, bias = torch.empty(d, n), torch.empty(d), torch.empty(d)
     if kind == "fwd":
         grid, args, meta, _ = st._forward_launch(u, dt, A, B, C, D, z, bias, True, False)
-    else:
-        grid, args, meta, _ = st._backward_launch(act(), u, dt, A, B, C, D, z, bias, True, False)
-        meta = dict(meta, PASS={"pass1": 1, "pass2": 2}[kind])
+    else:  # pass2_dz_add: pass 2 adding its dz to the one already in the buffer (the scan pair's second backward)
+        dz_out = act() if kind == "pass2_dz_add" else None
+        grid, args, meta, _ = st._backward_launch(act(), u, dt, A, B, C, D, z, bias, True, False, dz_out=dz_out)
+        meta = dict(meta, PASS={"pass1": 1, "pass2": 2, "pass2_dz_add": 2}[kind])
     return grid, args, meta
 
 
@@ -140,7 +143,8 @@ def main(argv=None):
         return 2
     import models.scan_triton as st
     saved = st.CHUNK
-    shapes = [("fwd", None)] + [(kind, c) for c in (args.chunks or [saved]) for kind in ("pass1", "pass2")]
+    shapes = [("fwd", None)] + [(kind, c) for c in (args.chunks or [saved])
+                                for kind in ("pass1", "pass2", "pass2_dz_add")]
     rows = []
     try:
         for kind, chunk in shapes:
@@ -157,8 +161,9 @@ def main(argv=None):
             rows.append(dict(kernel=kind, chunk=chunk, arch=args.arch, regs=regs, stack_bytes=stack,
                              loop_instructions=sizes, instructions_per_step=round(sum(sizes) / steps, 1)))
             label = {"fwd": "forward", "pass1": f"backward pass 1, chunk {chunk or saved}",
-                     "pass2": f"backward pass 2, chunk {chunk or saved}"}[kind]
-            print(f"{label:<26} sm_{args.arch}  regs {regs:>3}  stack {stack:>5} bytes  loop instructions "
+                     "pass2": f"backward pass 2, chunk {chunk or saved}",
+                     "pass2_dz_add": f"pass 2 adding dz, chunk {chunk or saved}"}[kind]
+            print(f"{label:<27} sm_{args.arch}  regs {regs:>3}  stack {stack:>5} bytes  loop instructions "
                   f"{'+'.join(map(str, sizes))} = {sum(sizes) / steps:.0f} a step", flush=True)
     finally:
         st.CHUNK = saved
