@@ -59,10 +59,13 @@ has no other way to it):
     shuffles, 62 selects and 31 adds for a reduce-scatter of warp shuffles (``_sum_over_lanes``).
   * Pass 2's recomputed states of the chunk: one row of 16 fp32 per lane and step (4 vector stores, and 4 loads on
     the way back), not 16 registers per step of the chunk.
-Pass 2 keeps the shuffles for B and C (52 instructions a step of its 481): it already makes 36 stores and 12 loads a
-step in shared memory. Triton's interpreter runs no PTX: there B and C come by shuffles, the states stay in registers
-and the sums are the reduce-scatter. CHUNK trades scratch traffic (1/CHUNK of all the states, written and read once)
-against the registers the kept per-step values take, and so resident warps.
+Pass 2 keeps the shuffles for B and C by default (52 instructions a step of its 481), as it already makes 36 stores
+and 12 loads a step in shared memory. PASS2_BC_SHARED routes them through shared memory as above, for a GPU A/B to
+decide: pass 2 reads B_t twice, on the recompute walk and on the way back (both use the same shuffles), so the fp32
+buffer adds 12 16-byte loads a step to save 50 instructions (431 a step at 254 registers) and the packed one adds 6
+to save 9 (472 at 255: each word is unpacked twice). Triton's interpreter runs no PTX: there B and C come by
+shuffles, the states stay in registers and the sums are the reduce-scatter. CHUNK trades scratch traffic (1/CHUNK of
+all the states, written and read once) against the registers the kept per-step values take, and so resident warps.
 
 The scratch is fp32 for fp32 inputs and bf16 for 16-bit ones. Writing it is most of pass 1's time: at 257 tokens,
 batch 512 the fp32 scratch was 2.1 GB a call, and pass 1 ran at 76% of the memory's bandwidth. In bf16 the backward
@@ -388,7 +391,11 @@ LOAD_ROW_ASM = tl.constexpr("{ " + " ".join(
 # Both at 1 await a GPU A/B against 0 and 2 (tools/scan_ab.py FILE:BC_SHARED=0,PASS1_B_SHARED=0).
 BC_SHARED = 1       # the forward's B_t and C_t
 PASS1_B_SHARED = 1  # pass 1's B_t
-BC_STEPS = tl.constexpr(4)  # steps of a group (forward) or chunk (pass 1) that one register per lane holds
+# Pass 2's B_t and C_t (0: shuffles, as before; 1, 2 as above, where its chunk is BC_STEPS): sm_90 loops of 481, 431
+# and 472 instructions a step at 254, 254 and 255 registers, no spills; 1 adds 12 broadcast loads of 16 bytes a step
+# to the 12 it makes already. Awaits a GPU A/B (tools/scan_ab.py FILE:PASS2_BC_SHARED=1).
+PASS2_BC_SHARED = 0
+BC_STEPS = tl.constexpr(4)  # steps of a group (forward) or chunk (backward) that one register per lane holds
 BC_BYTES = tl.constexpr(BC_STEPS.value * 16 * 4)  # one group's B (or C) as fp32: 64 bytes a step
 BCBUF_ASM = tl.constexpr("{ .shared .align 16 .b8 bcbuf[%d]; mov.u32 $0, bcbuf; }" % (2 * BC_BYTES.value))
 
@@ -567,7 +574,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 LOG2N: tl.constexpr, CHUNK: tl.constexpr, PACKED: tl.constexpr, BC_SHARED: tl.constexpr,
-                PASS: tl.constexpr):
+                BC2_SHARED: tl.constexpr, PASS: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     lane = tl.arange(0, BLOCK_D)
@@ -631,6 +638,9 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
             table = _shared_buffer(TBUF_ASM, lane)
             col_addr = table + lane * 4
             row_addr = table + lane * SMEM_ROW_BYTES
+        SHARED_BC: tl.constexpr = BC2_SHARED != 0 and SHARED and PACKED and CHUNK == BC_STEPS
+        if SHARED_BC:  # the chunk's B_t and C_t in shared memory, as in the forward
+            bc = _shared_buffer(BCBUF_ASM, lane)
         c = n_chunks - 1
         nxt = (_load_state(ck_ptr + tl.maximum(c - 1, 0) * SLOT, lane, c > 0, BLOCK_D, BLOCK_N),
                _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, c * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK, HAS_Z,
@@ -648,13 +658,18 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                    _spread(C_ptr, s_Cl, s_Cn, cn * CHUNK, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
             ld = cur[1]
             h = cur[0]
+            if SHARED_BC:  # (its barrier first: the last chunk's loads from the buffer are all done)
+                _store_bc(bc, lane, (cur[2][0], cur[3][0]), BC2_SHARED)
             hs = ()    # hs[k] = h_{t-1} of the chunk's k-th step t, where not in shared memory
             kept = ()  # each step's u, delta and delta + bias (fp32), kept for the way back
             for k in tl.static_range(CHUNK):
                 m_d = mask_d & (c * CHUNK + k < L)
                 u = ld[k][0].to(tl.float32)
                 dt, x = _delta(ld[k][1], bias, m_d, SOFTPLUS)
-                Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
+                if SHARED_BC:
+                    Bt = _shared_step(bc, k, False, BC2_SHARED)
+                else:
+                    Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
                 dtu = dt * u
                 if SHARED:
                     _store_row(hrow + k * (BLOCK_D * HROW), h)
@@ -676,8 +691,12 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                     hp = _load_row(hrow + k * (BLOCK_D * HROW))
                 else:
                     hp = hs[k]
-                Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
-                Ct = _step_bc(cur[3], k, BLOCK_D, BLOCK_N, PACKED)
+                if SHARED_BC:
+                    Bt = _shared_step(bc, k, False, BC2_SHARED)
+                    Ct = _shared_step(bc, k, True, BC2_SHARED)
+                else:
+                    Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
+                    Ct = _step_bc(cur[3], k, BLOCK_D, BLOCK_N, PACKED)
                 dy = tl.where(m_d, ld[k][3].to(tl.float32) * scale, 0.0)  # 0 past the sequence: g passes through
                 if HAS_Z:
                     dz, dy = _gate_back(dy, ld[k][2], u, Ct, hc, Dv, BLOCK_N)
@@ -775,8 +794,9 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
             du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, dbias, ck,
             Dim, L, float(out_scale), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_strides,
             *dout.stride(), *du.stride(), *ddelta.stride(), *(dz.stride() if dz is not None else (0, 0, 0)))
-    # (BC_SHARED: pass 1's way to B_t; pass 2 shuffles B and C)
-    meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, BC_SHARED=int(PASS1_B_SHARED), num_warps=1)
+    # (BC_SHARED: pass 1's way to B_t, BC2_SHARED: pass 2's to B_t and C_t; each pass reads only its own)
+    meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, BC_SHARED=int(PASS1_B_SHARED),
+                BC2_SHARED=int(PASS2_BC_SHARED), num_warps=1)
     return grid, args, meta, (du, ddelta, dz, dB, dC, dA, dD, dbias)
 
 

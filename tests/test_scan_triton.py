@@ -253,8 +253,9 @@ def test_compiled_kernels_use_one_instruction_math_and_do_not_spill():
     """On a GPU the softplus and sigmoids take the special-function unit's single instructions (Triton's exact log
     and division are ~30-instruction sequences per step), and the backward keeps its chunk in registers: compiled for
     sm_90 here (the interpreter runs the exact forms, so only this sees the GPU's math and shared memory: with
-    BC_SHARED the forward, and with PASS1_B_SHARED pass 1, reads B_t and C_t back from it). The backward's pass 1 runs
-    as a kernel of its own so that it is not held to pass 2's registers: it takes at most half as many."""
+    BC_SHARED the forward, with PASS1_B_SHARED pass 1 and with PASS2_BC_SHARED pass 2, reads B_t and C_t back from
+    it). The backward's pass 1 runs as a kernel of its own so that it is not held to pass 2's registers: it takes at
+    most half as many."""
     pytest.importorskip("triton")
     import models.scan_triton as st
     from tools import scan_regs
@@ -268,7 +269,7 @@ def test_compiled_kernels_use_one_instruction_math_and_do_not_spill():
         assert regs[kind] <= 255 and stack == 0, (kind, regs[kind], stack)
         if kind == "pass2":  # dB_t's and dC_t's sums over the lanes through shared memory (16 states)
             assert "ld.shared.v4.f32" in ptx
-        mode = {"fwd": st.BC_SHARED, "pass1": st.PASS1_B_SHARED}.get(kind, 0)
+        mode = {"fwd": st.BC_SHARED, "pass1": st.PASS1_B_SHARED, "pass2": st.PASS2_BC_SHARED}[kind]
         if mode:  # B_t (and C_t) through shared memory, read back by broadcast loads
             stores, loads = {1: ("st.shared.v2.f32", "ld.shared.v4.f32"), 2: ("st.shared.b32", "ld.shared.v4.b32")}[mode]
             assert "bcbuf" in ptx and stores in ptx and loads in ptx, kind
@@ -276,24 +277,34 @@ def test_compiled_kernels_use_one_instruction_math_and_do_not_spill():
 
 
 def test_every_way_of_passing_b_and_c_compiles_without_spills():
-    """BC_SHARED's and PASS1_B_SHARED's settings other than the configured one (kept for a GPU A/B) compile for sm_90
-    without spills, and those through shared memory load B_t (and C_t) as they should."""
+    """BC_SHARED's, PASS1_B_SHARED's and PASS2_BC_SHARED's settings other than the configured one (kept for a GPU A/B)
+    compile for sm_90 without spills (pass 2 within 255 registers, as it is at 254 with shuffles), and those through
+    shared memory load B_t (and C_t) as they should; pass 2 then shuffles none of them."""
     pytest.importorskip("triton")
     import models.scan_triton as st
     from tools import scan_regs
-    saved = st.BC_SHARED, st.PASS1_B_SHARED
+    names = {"fwd": "BC_SHARED", "pass1": "PASS1_B_SHARED", "pass2": "PASS2_BC_SHARED"}
+    saved = {kind: getattr(st, name) for kind, name in names.items()}
     try:
         for mode in (0, 1, 2):
-            st.BC_SHARED = st.PASS1_B_SHARED = mode
-            for kind in ("fwd", "pass1"):
-                if mode == saved[kind == "pass1"]:
+            for kind, name in names.items():
+                if mode == saved[kind]:
                     continue
+                setattr(st, name, mode)
                 compiled = scan_regs.compile_kernel(kind, 90)
-                assert scan_regs.resource_usage(compiled)[1] == 0, (kind, mode)
+                setattr(st, name, saved[kind])
+                regs, stack = scan_regs.resource_usage(compiled)
+                assert regs <= 255 and stack == 0, (kind, mode, regs, stack)
+                ptx = compiled.asm["ptx"]
                 loads = {0: "shfl.sync.idx", 1: "ld.shared.v4.f32", 2: "ld.shared.v4.b32"}[mode]
-                assert loads in compiled.asm["ptx"], (kind, mode)
+                assert loads in ptx, (kind, mode)
+                if kind == "pass2":  # (its sums over the lanes load ld.shared.v4.f32 either way)
+                    stores = {0: None, 1: "st.shared.v2.f32", 2: "st.shared.b32"}[mode]
+                    assert ("bcbuf" in ptx) == (mode != 0) and ("shfl.sync.idx" in ptx) == (mode == 0), mode
+                    assert stores is None or stores in ptx, mode
     finally:
-        st.BC_SHARED, st.PASS1_B_SHARED = saved
+        for kind, name in names.items():
+            setattr(st, name, saved[kind])
 
 
 def _run_warp(asm, inputs, memory, size):
