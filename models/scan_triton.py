@@ -59,20 +59,16 @@ has no other way to it):
     each lane unpacks its word of B and of C to fp32 and stores them, and then every lane reads a step's 16 values of
     B and of C with 8 vector loads of the address that all lanes read (a broadcast, no bank conflicts). Shuffled, B
     and C took 16 shuffles and 32 unpacking instructions a step; the forward's loop goes from 182 to 145 instructions
-    a step (sm_90), pass 1's from 128 to 109 but at 80 registers instead of 64. Whether that is faster awaits a GPU
-    (BC_SHARED, PASS1_B_SHARED): shared memory returns one register per lane a clock to an SM, and the loads return
-    32 a step where the shuffles returned 16.
+    a step (sm_90), pass 1's from 128 to 109 (at 80 registers instead of 64). On an H100 at 257 tokens, batch 512 the
+    forward call took 5-8% less time and the backward 0.3-0.6% less (docs/SPEED.md).
   * Pass 2's sums over the lanes: each lane stores its 32 parts (dB_t's and dC_t's 16 each) as a column of a table,
     then reads one row back in 16-byte vectors and adds it up: 32 stores, 8 loads and 31 adds a step, against 31
     shuffles, 62 selects and 31 adds for a reduce-scatter of warp shuffles (``_sum_over_lanes``).
   * Pass 2's recomputed states of the chunk: one row of 16 fp32 per lane and step (4 vector stores, and 4 loads on
     the way back), not 16 registers per step of the chunk.
-Pass 2 keeps the shuffles for B and C by default (52 instructions a step of its 481), as it already makes 36 stores
-and 12 loads a step in shared memory. PASS2_BC_SHARED routes them through shared memory as above, for a GPU A/B to
-decide: pass 2 reads B_t twice, on the recompute walk and on the way back (both use the same shuffles), so the fp32
-buffer adds 12 16-byte loads a step to save 50 instructions (431 a step at 254 registers) and the packed one adds 6
-to save 9 (472 at 255: each word is unpacked twice). Triton's interpreter runs no PTX: there B and C come by
-shuffles, the states stay in registers and the sums are the reduce-scatter. CHUNK trades scratch traffic (1/CHUNK of
+Pass 2 keeps the shuffles for B and C (52 instructions a step of its 481): it already makes 36 stores and 12 loads a
+step in shared memory, and the exponentials there, which added about 32 wavefronts a step, made it 4-5% slower
+(docs/SPEED.md). Triton's interpreter runs no PTX: there B and C come by shuffles, the states stay in registers and the sums are the reduce-scatter. CHUNK trades scratch traffic (1/CHUNK of
 all the states, written and read once) against the registers the kept per-step values take, and so resident warps.
 
 The scratch is fp32 for fp32 inputs and bf16 for 16-bit ones. Writing it is most of pass 1's time: at 257 tokens,
@@ -271,7 +267,7 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, add_
                 s_zb, s_zd, s_zl, s_ab, s_ad, s_al, s_ob, s_od, s_ol,
                 N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                PACKED: tl.constexpr, GROUP: tl.constexpr, HAS_ADD: tl.constexpr, BC_SHARED: tl.constexpr):
+                PACKED: tl.constexpr, GROUP: tl.constexpr, HAS_ADD: tl.constexpr):
     pid_b = tl.program_id(1).to(tl.int64)
     lane = tl.arange(0, BLOCK_D)
     offs_d = tl.program_id(0) * BLOCK_D + lane
@@ -285,7 +281,7 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, add_
     B_ptr += pid_b * s_Bb
     C_ptr += pid_b * s_Cb
     out_ptr += pid_b * s_ob
-    SHARED: tl.constexpr = BC_SHARED != 0 and SMEM and BLOCK_N == 16 and PACKED and GROUP == BC_STEPS
+    SHARED: tl.constexpr = SMEM and BLOCK_N == 16 and PACKED and GROUP == BC_STEPS
     if SHARED:  # the group's B_t and C_t in shared memory (B's 4 steps, then C's)
         bc = _shared_buffer(BCBUF_ASM, lane)
     h = ()
@@ -303,7 +299,7 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, add_
                _spread(C_ptr, s_Cl, s_Cn, t0, L, lane, GROUP, N, BLOCK_N, PACKED, REVERSE))
         steps = cur[0]
         if SHARED:
-            _store_bc(bc, lane, (cur[1][0], cur[2][0]), BC_SHARED)
+            _store_bc(bc, lane, (cur[1][0], cur[2][0]))
         for k in tl.static_range(GROUP):
             t = g * GROUP + k
             live = t < L
@@ -314,8 +310,8 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, add_
             u = u_r.to(tl.float32)
             dt, _ = _delta(dt_r, bias, mask_d & live, SOFTPLUS)  # 0 past the sequence: the state stays
             if SHARED:
-                Bt = _shared_step(bc, k, False, BC_SHARED)
-                Ct = _shared_step(bc, k, True, BC_SHARED)
+                Bt = _shared_step(bc, k, False)
+                Ct = _shared_step(bc, k, True)
             else:
                 Bt = _step_bc(cur[1], k, BLOCK_D, BLOCK_N, PACKED)
                 Ct = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
@@ -401,50 +397,32 @@ LOAD_ROW_ASM = tl.constexpr("{ " + " ".join(
     f"ld.shared.v4.f32 {{${4 * i}, ${4 * i + 1}, ${4 * i + 2}, ${4 * i + 3}}}, [$16+{16 * i}];" for i in range(4))
     + " }")
 # The forward's B_t and C_t and pass 1's B_t through shared memory, where each is one register per lane as _spread loads
-# it (16 states, packed bf16, 4 steps a group or chunk): once a group each lane stores its word of B (and of C), and
-# each step every lane reads the step's values with vector loads of one address (broadcasts), instead of 8 warp
-# shuffles and 16 unpacking instructions a step for each of B and C (0: _step_bc).
-#   1: the words are stored unpacked, as fp32 (B's 16 values a step in 4 loads, no unpacking): sm_90 loops of 145
-#      instructions a step in the forward (182 with shuffles) and 109 in pass 1 (128), but pass 1 takes 80 registers
-#      (64), so fewer warps are resident in a pass bound by memory;
-#   2: the words are stored as they are (8 a step in 2 loads, then unpacked): 172 and 124 instructions a step (pass 1
-#      at 78 registers), with half the bytes of 1 through shared memory. Shared memory returns 128 bytes a clock to an
-#      SM, and 1 takes twice the shuffles' 16 registers a lane a step from it; what that costs is for a GPU to say.
-# Both at 1 await a GPU A/B against 0 and 2 (tools/scan_ab.py FILE:BC_SHARED=0,PASS1_B_SHARED=0).
-BC_SHARED = 1       # the forward's B_t and C_t
-PASS1_B_SHARED = 1  # pass 1's B_t
-# Pass 2's B_t and C_t (0: shuffles, as before; 1, 2 as above, where its chunk is BC_STEPS): sm_90 loops of 481, 431
-# and 472 instructions a step at 254, 254 and 255 registers, no spills; 1 adds 12 broadcast loads of 16 bytes a step
-# to the 12 it makes already. Awaits a GPU A/B (tools/scan_ab.py FILE:PASS2_BC_SHARED=1).
-PASS2_BC_SHARED = 0
+# it (16 states, packed bf16, 4 steps a group or chunk): once a group each lane stores its word of B (and of C)
+# unpacked to fp32, and each step every lane reads the step's 16 values with 4 vector loads of one address (a
+# broadcast), instead of 8 warp shuffles and 16 unpacking instructions a step for each of B and C (_step_bc, which the
+# interpreter and other state counts keep). sm_90 loops of 145 instructions a step in the forward (182 with shuffles)
+# and 109 in pass 1 (128, but at 80 registers instead of 64). H100, 257 tokens, batch 512 (tools/scan_ab.py): the
+# forward 0.756 -> 0.716 ms a call, the backward 2.955 -> 2.945 ms; pass 1 with shuffles instead, 2.962 ms.
 BC_STEPS = tl.constexpr(4)  # steps of a group (forward) or chunk (backward) that one register per lane holds
 BC_BYTES = tl.constexpr(BC_STEPS.value * 16 * 4)  # one group's B (or C) as fp32: 64 bytes a step
 BCBUF_ASM = tl.constexpr("{ .shared .align 16 .b8 bcbuf[%d]; mov.u32 $0, bcbuf; }" % (2 * BC_BYTES.value))
 
 
-def _bc_store_asm(words, unpack):
+def _bc_store_asm(words):
     """PTX for _store_bc: each lane stores its `words` packed words ($1: B's, $2: C's) at $<words + 1>, between warp
-    barriers. unpack: as two fp32 each (the low bf16 is the even state) with one 8-byte store at the buffer + 8 * lane,
-    B's in the first 256 bytes, C's in the next; else as they are at the buffer + 4 * lane, B's in the first 128 bytes.
-    Either way the 32 lanes fill 4 steps' values in order. The barrier before keeps every lane from overwriting values
+    barriers, as two fp32 each (the low bf16 is the even state) with one 8-byte store at the buffer + 8 * lane, B's in
+    the first 256 bytes, C's in the next: the 32 lanes fill 4 steps' values in order. The barrier before keeps every lane from overwriting values
     that another lane has still to read from the last group; the one after makes the stores visible to every lane."""
     lines = ["{", ".reg .b32 lo, hi;", "bar.warp.sync -1;"]
     for w in range(words):
-        if unpack:
-            lines += [f"shl.b32 lo, ${w + 1}, 16;", f"and.b32 hi, ${w + 1}, 0xFFFF0000;",
-                      f"st.shared.v2.f32 [${words + 1}+{w * BC_BYTES.value}], {{lo, hi}};"]
-        else:
-            lines += [f"st.shared.b32 [${words + 1}+{w * BC_BYTES.value // 2}], ${w + 1};"]
+        lines += [f"shl.b32 lo, ${w + 1}, 16;", f"and.b32 hi, ${w + 1}, 0xFFFF0000;",
+                  f"st.shared.v2.f32 [${words + 1}+{w * BC_BYTES.value}], {{lo, hi}};"]
     lines += ["bar.warp.sync -1;", "mov.u32 $0, 0;", "}"]
     return "\n".join(lines)
 
 
-BC_STORE_ASM = tl.constexpr(_bc_store_asm(2, True))
-B_STORE_ASM = tl.constexpr(_bc_store_asm(1, True))
-BC_STORE_WORDS_ASM = tl.constexpr(_bc_store_asm(2, False))
-B_STORE_WORDS_ASM = tl.constexpr(_bc_store_asm(1, False))
-LOAD_WORDS_ASM = tl.constexpr("{ ld.shared.v4.b32 {$0, $1, $2, $3}, [$8+0]; "
-                               "ld.shared.v4.b32 {$4, $5, $6, $7}, [$8+16]; }")
+BC_STORE_ASM = tl.constexpr(_bc_store_asm(2))
+B_STORE_ASM = tl.constexpr(_bc_store_asm(1))
 
 
 @triton.jit
@@ -477,32 +455,19 @@ def _load_row(addr):
 
 
 @triton.jit
-def _store_bc(bc, lane, words, MODE: tl.constexpr):
-    """This lane's packed words of a group (a tuple: B's, or B's and C's) into the shared buffer at bc, as BC_SHARED's
-    MODE says; not pure, so kept in order with the loads before and after it."""
-    if MODE == 1:
-        addr = bc + 8 * lane
-        asm: tl.constexpr = BC_STORE_ASM if len(words) == 2 else B_STORE_ASM
-    else:
-        addr = bc + 4 * lane
-        asm: tl.constexpr = BC_STORE_WORDS_ASM if len(words) == 2 else B_STORE_WORDS_ASM
-    tl.inline_asm_elementwise(asm, "=r" + ",r" * len(words) + ",r", words + (addr,), dtype=tl.int32, is_pure=False,
-                              pack=1)
+def _store_bc(bc, lane, words):
+    """This lane's packed words of a group (a tuple: B's, or B's and C's) into the shared buffer at bc, unpacked to
+    fp32; not pure, so kept in order with the loads before and after it."""
+    asm: tl.constexpr = BC_STORE_ASM if len(words) == 2 else B_STORE_ASM
+    tl.inline_asm_elementwise(asm, "=r" + ",r" * len(words) + ",r", words + (bc + 8 * lane,), dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
-def _shared_step(bc, k, IS_C: tl.constexpr, MODE: tl.constexpr):
+def _shared_step(bc, k, IS_C: tl.constexpr):
     """Step k's 16 values of B (or of C) from the shared buffer at bc as fp32 channel vectors, each loaded from the
     same address by every lane (a broadcast)."""
-    if MODE == 1:
-        out = _load_row(bc + IS_C * BC_BYTES + k * 64)
-    else:
-        w = tl.inline_asm_elementwise(LOAD_WORDS_ASM, "=r" + ",=r" * 7 + ",r", (bc + IS_C * (BC_BYTES // 2) + k * 32,),
-                                      dtype=(tl.int32,) * 8, is_pure=False, pack=1)
-        out = ()
-        for j in tl.static_range(8):
-            out = out + ((w[j] << 16).to(tl.float32, bitcast=True), (w[j] & -65536).to(tl.float32, bitcast=True))
-    return out
+    return _load_row(bc + IS_C * BC_BYTES + k * 64)
 
 
 @triton.jit
@@ -565,17 +530,16 @@ def _load_state(ptr, lane, mask, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _chunk_end(h, steps, B_regs, bias, A2, mask_d, bc, lane, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, PACKED: tl.constexpr, SOFTPLUS: tl.constexpr, SHARED: tl.constexpr,
-               BC_SHARED: tl.constexpr):
+               BLOCK_N: tl.constexpr, PACKED: tl.constexpr, SOFTPLUS: tl.constexpr, SHARED: tl.constexpr):
     """The state after a whole chunk (every step in the sequence) from the state before it: steps are _lane_loads'
     (u, delta, ...) per step, B_regs its B as _spread loads it; with SHARED, B_t goes through shared memory at bc
     (as in the forward)."""
     if SHARED:
-        _store_bc(bc, lane, (B_regs[0],), BC_SHARED)
+        _store_bc(bc, lane, (B_regs[0],))
     for k in tl.static_range(CHUNK):
         dt, _ = _delta(steps[k][1], bias, mask_d, SOFTPLUS)
         if SHARED:
-            Bt = _shared_step(bc, k, False, BC_SHARED)
+            Bt = _shared_step(bc, k, False)
         else:
             Bt = _step_bc(B_regs, k, BLOCK_D, BLOCK_N, PACKED)
         dtu = dt * steps[k][0].to(tl.float32)
@@ -596,7 +560,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 LOG2N: tl.constexpr, CHUNK: tl.constexpr, PACKED: tl.constexpr, DZ_ADD: tl.constexpr,
-                BC_SHARED: tl.constexpr, BC2_SHARED: tl.constexpr, PASS: tl.constexpr):
+                PASS: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     lane = tl.arange(0, BLOCK_D)
@@ -623,7 +587,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
     # Pass 1: the state at the end of every chunk but the last; the next chunk's loads go out before this one's
     # state is computed and stored.
     if PASS == 1:
-        SHARED_B: tl.constexpr = BC_SHARED != 0 and SMEM and BLOCK_N == 16 and PACKED and CHUNK == BC_STEPS
+        SHARED_B: tl.constexpr = SMEM and BLOCK_N == 16 and PACKED and CHUNK == BC_STEPS
         bc = 0
         if SHARED_B:  # the chunk's B_t in shared memory, as in the forward
             bc = _shared_buffer(BCBUF_ASM, lane)
@@ -640,7 +604,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                                REVERSE),
                    _spread(B_ptr, s_Bl, s_Bn, t0, L, lane, CHUNK, N, BLOCK_N, PACKED, REVERSE))
             h = _chunk_end(h, cur[0], cur[1], bias, A2, mask_d, bc, lane, CHUNK, BLOCK_D, BLOCK_N, PACKED,
-                           SOFTPLUS, SHARED_B, BC_SHARED)
+                           SOFTPLUS, SHARED_B)
             _store_state(ck_ptr + c * SLOT, lane, h, BLOCK_D, BLOCK_N)
 
     # Pass 2: chunks from last to first; the next one's stored state and loads go out before this one computes.
@@ -661,9 +625,6 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
             table = _shared_buffer(TBUF_ASM, lane)
             col_addr = table + lane * 4
             row_addr = table + lane * SMEM_ROW_BYTES
-        SHARED_BC: tl.constexpr = BC2_SHARED != 0 and SHARED and PACKED and CHUNK == BC_STEPS
-        if SHARED_BC:  # the chunk's B_t and C_t in shared memory, as in the forward
-            bc = _shared_buffer(BCBUF_ASM, lane)
         c = n_chunks - 1
         nxt = (_load_state(ck_ptr + tl.maximum(c - 1, 0) * SLOT, lane, c > 0, BLOCK_D, BLOCK_N),
                _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, c * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK, HAS_Z,
@@ -683,18 +644,13 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                    _dz_loads(dz_in, cn * CHUNK, L, s_dzl, CHUNK, DZ_ADD, REVERSE))
             ld = cur[1]
             h = cur[0]
-            if SHARED_BC:  # (its barrier first: the last chunk's loads from the buffer are all done)
-                _store_bc(bc, lane, (cur[2][0], cur[3][0]), BC2_SHARED)
             hs = ()    # hs[k] = h_{t-1} of the chunk's k-th step t, where not in shared memory
             kept = ()  # each step's u, delta and delta + bias (fp32), kept for the way back
             for k in tl.static_range(CHUNK):
                 m_d = mask_d & (c * CHUNK + k < L)
                 u = ld[k][0].to(tl.float32)
                 dt, x = _delta(ld[k][1], bias, m_d, SOFTPLUS)
-                if SHARED_BC:
-                    Bt = _shared_step(bc, k, False, BC2_SHARED)
-                else:
-                    Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
+                Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
                 dtu = dt * u
                 if SHARED:
                     _store_row(hrow + k * (BLOCK_D * HROW), h)
@@ -716,12 +672,8 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                     hp = _load_row(hrow + k * (BLOCK_D * HROW))
                 else:
                     hp = hs[k]
-                if SHARED_BC:
-                    Bt = _shared_step(bc, k, False, BC2_SHARED)
-                    Ct = _shared_step(bc, k, True, BC2_SHARED)
-                else:
-                    Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
-                    Ct = _step_bc(cur[3], k, BLOCK_D, BLOCK_N, PACKED)
+                Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
+                Ct = _step_bc(cur[3], k, BLOCK_D, BLOCK_N, PACKED)
                 dy = tl.where(m_d, ld[k][3].to(tl.float32) * scale, 0.0)  # 0 past the sequence: g passes through
                 if HAS_Z:
                     dz, dy = _gate_back(dy, ld[k][2], u, Ct, hc, Dv, BLOCK_N)
@@ -792,7 +744,7 @@ def _forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
             delta_bias if delta_bias is not None else u, out_add if out_add is not None else u, out, Dim, L,
             float(out_scale), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_strides,
             *add_strides, *out.stride())
-    return grid, args, dict(meta, HAS_ADD=out_add is not None, GROUP=GROUP, BC_SHARED=int(BC_SHARED), num_warps=1), out
+    return grid, args, dict(meta, HAS_ADD=out_add is not None, GROUP=GROUP, num_warps=1), out
 
 
 def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale=1.0,
@@ -825,9 +777,7 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
             du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, dbias, ck,
             Dim, L, float(out_scale), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_strides,
             *dout.stride(), *du.stride(), *ddelta.stride(), *(dz.stride() if dz is not None else (0, 0, 0)))
-    # (BC_SHARED: pass 1's way to B_t, BC2_SHARED: pass 2's to B_t and C_t; each pass reads only its own)
-    meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, DZ_ADD=dz_out is not None,
-                BC_SHARED=int(PASS1_B_SHARED), BC2_SHARED=int(PASS2_BC_SHARED), num_warps=1)
+    meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, DZ_ADD=dz_out is not None, num_warps=1)
     return grid, args, meta, (du, ddelta, dz, dB, dC, dA, dD, dbias)
 
 

@@ -392,13 +392,11 @@ def test_kernels_unpack_no_nested_tuples():
 def test_compiled_kernels_use_one_instruction_math_and_do_not_spill():
     """On a GPU the softplus and sigmoids take the special-function unit's single instructions (Triton's exact log
     and division are ~30-instruction sequences per step), and the backward keeps its chunk in registers: compiled for
-    sm_90 here (the interpreter runs the exact forms, so only this sees the GPU's math and shared memory: with
-    BC_SHARED the forward, with PASS1_B_SHARED pass 1 and with PASS2_BC_SHARED pass 2, reads B_t and C_t back from
-    it). The backward's pass 1 runs as a kernel of its own so that it is not held to pass 2's registers: it takes at
-    most half as many. Pass 2 as the scan pair's second backward runs it (adding its dz into the first's) does not
-    spill either."""
+    sm_90 here (the interpreter runs the exact forms, so only this sees the GPU's math and shared memory: the forward
+    reads B_t and C_t back from it, pass 1 B_t, while pass 2 shuffles them). The backward's pass 1 runs as a kernel of
+    its own so that it is not held to pass 2's registers: it takes at most half as many. Pass 2 as the scan pair's
+    second backward runs it (adding its dz into the first's) does not spill either."""
     pytest.importorskip("triton")
-    import models.scan_triton as st
     from tools import scan_regs
     regs = {}
     for kind in ("fwd", "pass1", "pass2", "pass2_dz_add"):
@@ -410,43 +408,11 @@ def test_compiled_kernels_use_one_instruction_math_and_do_not_spill():
         assert regs[kind] <= 255 and stack == 0, (kind, regs[kind], stack)
         if kind.startswith("pass2"):  # dB_t's and dC_t's sums over the lanes through shared memory (16 states)
             assert "ld.shared.v4.f32" in ptx
-        mode = {"fwd": st.BC_SHARED, "pass1": st.PASS1_B_SHARED, "pass2": st.PASS2_BC_SHARED,
-                "pass2_dz_add": st.PASS2_BC_SHARED}[kind]
-        if mode:  # B_t (and C_t) through shared memory, read back by broadcast loads
-            stores, loads = {1: ("st.shared.v2.f32", "ld.shared.v4.f32"), 2: ("st.shared.b32", "ld.shared.v4.b32")}[mode]
-            assert "bcbuf" in ptx and stores in ptx and loads in ptx, kind
+        if kind in ("fwd", "pass1"):  # B_t (and C_t) through shared memory, read back by broadcast loads
+            assert "bcbuf" in ptx and "st.shared.v2.f32" in ptx and "ld.shared.v4.f32" in ptx, kind
+        else:
+            assert "bcbuf" not in ptx and "shfl.sync.idx" in ptx, kind
     assert regs["pass1"] * 2 <= regs["pass2"], regs
-
-
-def test_every_way_of_passing_b_and_c_compiles_without_spills():
-    """BC_SHARED's, PASS1_B_SHARED's and PASS2_BC_SHARED's settings other than the configured one (kept for a GPU A/B)
-    compile for sm_90 without spills (pass 2 within 255 registers, as it is at 254 with shuffles), and those through
-    shared memory load B_t (and C_t) as they should; pass 2 then shuffles none of them."""
-    pytest.importorskip("triton")
-    import models.scan_triton as st
-    from tools import scan_regs
-    names = {"fwd": "BC_SHARED", "pass1": "PASS1_B_SHARED", "pass2": "PASS2_BC_SHARED"}
-    saved = {kind: getattr(st, name) for kind, name in names.items()}
-    try:
-        for mode in (0, 1, 2):
-            for kind, name in names.items():
-                if mode == saved[kind]:
-                    continue
-                setattr(st, name, mode)
-                compiled = scan_regs.compile_kernel(kind, 90)
-                setattr(st, name, saved[kind])
-                regs, stack = scan_regs.resource_usage(compiled)
-                assert regs <= 255 and stack == 0, (kind, mode, regs, stack)
-                ptx = compiled.asm["ptx"]
-                loads = {0: "shfl.sync.idx", 1: "ld.shared.v4.f32", 2: "ld.shared.v4.b32"}[mode]
-                assert loads in ptx, (kind, mode)
-                if kind == "pass2":  # (its sums over the lanes load ld.shared.v4.f32 either way)
-                    stores = {0: None, 1: "st.shared.v2.f32", 2: "st.shared.b32"}[mode]
-                    assert ("bcbuf" in ptx) == (mode != 0) and ("shfl.sync.idx" in ptx) == (mode == 0), mode
-                    assert stores is None or stores in ptx, mode
-    finally:
-        for kind, name in names.items():
-            setattr(st, name, saved[kind])
 
 
 def _run_warp(asm, inputs, memory, size):
@@ -534,8 +500,8 @@ def test_shared_memory_code_sums_over_lanes_and_keeps_states_without_bank_confli
 def test_shared_memory_code_passes_b_and_c_to_every_lane_without_bank_conflicts():
     """The forward's (and pass 1's) B_t and C_t through shared memory, run by the model of a warp: each lane holds one
     packed word of B and one of C of a group of 4 steps (lane l: word l mod 8 of step l div 8, two bf16 states each, as
-    _spread loads them) and stores them, unpacked to fp32 (BC_SHARED 1) or as they are (2, unpacked after the loads as
-    _shared_step does); then every lane reads each step's values of B and of C with the same loads. They must be the
+    _spread loads them) and stores them, unpacked to fp32; then every lane reads each step's values of B and of C
+    with the same loads. They must be the
     bf16 values of that step, states 0..15 in order, bit for bit; no access has a bank conflict (the loads are
     broadcasts) and all are aligned and inside the 512-byte buffer."""
     import models.scan_triton as st
@@ -551,23 +517,16 @@ def test_shared_memory_code_passes_b_and_c_to_every_lane_without_bank_conflicts(
     def as_float(bits):
         return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
 
-    for mode, asm, n in ((1, st.BC_STORE_ASM, 2), (1, st.B_STORE_ASM, 1), (2, st.BC_STORE_WORDS_ASM, 2),
-                         (2, st.B_STORE_WORDS_ASM, 1)):
-        memory, stride = {}, 8 if mode == 1 else 4  # (the kernels' addresses: bc + stride * lane)
-        _run_warp(asm.value, [{**{x + 1: word(x, lane) for x in range(n)}, n + 1: stride * lane} for lane in range(32)],
+    for asm, n in ((st.BC_STORE_ASM, 2), (st.B_STORE_ASM, 1)):
+        memory = {}  # (the kernels' addresses: _store_bc's bc + 8 * lane, _shared_step's bc + k * 64, + BC_BYTES for C)
+        _run_warp(asm.value, [{**{x + 1: word(x, lane) for x in range(n)}, n + 1: 8 * lane} for lane in range(32)],
                   memory, size)
         for x in range(n):
             for k in range(steps):
-                if mode == 1:  # (_shared_step's addresses: bc + k * 64, + BC_BYTES for C)
-                    out = _run_warp(st.LOAD_ROW_ASM.value, [{16: x * st.BC_BYTES.value + 64 * k}] * 32, memory, size)
-                    got = [as_float([o[i] for i in range(16)]) for o in out]
-                else:  # (bc + k * 32, + BC_BYTES / 2 for C), each word unpacked as _shared_step does
-                    out = _run_warp(st.LOAD_WORDS_ASM.value, [{8: x * st.BC_BYTES.value // 2 + 32 * k}] * 32, memory,
-                                    size)
-                    got = [as_float([b for i in range(8) for b in ((o[i] << 16) & 0xFFFFFFFF, o[i] & 0xFFFF0000)])
-                           for o in out]
+                out = _run_warp(st.LOAD_ROW_ASM.value, [{16: x * st.BC_BYTES.value + 64 * k}] * 32, memory, size)
+                got = [as_float([o[i] for i in range(16)]) for o in out]
                 for lane in range(32):
-                    assert torch.equal(got[lane], values[x, k].float()), (mode, n, x, k, lane)
+                    assert torch.equal(got[lane], values[x, k].float()), (n, x, k, lane)
 
 
 def test_too_many_states_is_refused():
