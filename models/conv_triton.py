@@ -243,7 +243,8 @@ def _conv_pair_bwd(du_f: Tensor, du_b: Tensor, dq_f: Optional[Tensor], dq_b: Opt
     e_f = e_b = du_f  # (unread without the projections)
     grads_p = []
     if p_f is not None:
-        # u's gradient from each projection, summed with the scan's by the conv kernel as it reads both
+        # u's gradient from each projection, summed with the scan's by the conv kernel as it reads both; the kernel
+        # reads e with du's strides, so both are contiguous (the scan's du already is: no copy in the model)
         du_f, du_b = du_f.contiguous(), du_b.contiguous()
         e_f, e_b = (_project(dq, p.t()) for dq, p in ((dq_f, p_f), (dq_b, p_b)))
         grads_p = [(dq.reshape(Bsz * L, -1).t() @ u.reshape(Bsz * L, Dim)).to(p.dtype)
