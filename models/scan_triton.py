@@ -68,8 +68,9 @@ has no other way to it):
     the way back), not 16 registers per step of the chunk.
 Pass 2 keeps the shuffles for B and C (52 instructions a step of its 481): it already makes 36 stores and 12 loads a
 step in shared memory, and the exponentials there, which added about 32 wavefronts a step, made it 4-5% slower
-(docs/SPEED.md). Triton's interpreter runs no PTX: there B and C come by shuffles, the states stay in registers and the sums are the reduce-scatter. CHUNK trades scratch traffic (1/CHUNK of
-all the states, written and read once) against the registers the kept per-step values take, and so resident warps.
+(docs/SPEED.md). Triton's interpreter runs no PTX: there B and C come by shuffles, the states stay in registers and
+the sums are the reduce-scatter. CHUNK trades scratch traffic (1/CHUNK of all the states, written and read once)
+against the registers the kept per-step values take, and so resident warps.
 
 The scratch is fp32 for fp32 inputs and bf16 for 16-bit ones. Writing it is most of pass 1's time: at 257 tokens,
 batch 512 the fp32 scratch was 2.1 GB a call, and pass 1 ran at 76% of the memory's bandwidth. In bf16 the backward
@@ -411,8 +412,9 @@ BCBUF_ASM = tl.constexpr("{ .shared .align 16 .b8 bcbuf[%d]; mov.u32 $0, bcbuf; 
 def _bc_store_asm(words):
     """PTX for _store_bc: each lane stores its `words` packed words ($1: B's, $2: C's) at $<words + 1>, between warp
     barriers, as two fp32 each (the low bf16 is the even state) with one 8-byte store at the buffer + 8 * lane, B's in
-    the first 256 bytes, C's in the next: the 32 lanes fill 4 steps' values in order. The barrier before keeps every lane from overwriting values
-    that another lane has still to read from the last group; the one after makes the stores visible to every lane."""
+    the first 256 bytes, C's in the next: the 32 lanes fill 4 steps' values in order. The barrier before keeps every
+    lane from overwriting values that another lane has still to read from the last group; the one after makes the
+    stores visible to every lane."""
     lines = ["{", ".reg .b32 lo, hi;", "bar.warp.sync -1;"]
     for w in range(words):
         lines += [f"shl.b32 lo, ${w + 1}, 16;", f"and.b32 hi, ${w + 1}, 0xFFFF0000;",

@@ -1,7 +1,8 @@
 """Tests of the mixer's Triton conv pair (models/conv_triton.py) against the PyTorch conv (models.bimamba.conv1d_silu).
 
 CPU: the kernels run under Triton's interpreter in a child process (conftest.run_interpreted says why), each case
-then checked by its own test here; skipped where a GPU exists. GPU (@pytest.mark.gpu): the same cases compiled, then model-sized ones in fp32 and bf16.
+then checked by its own test here; skipped where a GPU exists. GPU (@pytest.mark.gpu): the same cases compiled, then
+model-sized ones in fp32 and bf16.
 The whole model with these kernels, eager and compiled, is checked in tests/test_scan_triton.py and tests/test_gpu.py.
 """
 import sys
