@@ -627,6 +627,10 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
             table = _shared_buffer(TBUF_ASM, lane)
             col_addr = table + lane * 4
             row_addr = table + lane * SMEM_ROW_BYTES
+        SHARED_BC: tl.constexpr = SHARED and PACKED and CHUNK == BC_STEPS
+        bc = 0
+        if SHARED_BC:  # the chunk's B_t and C_t in shared memory, as in the forward
+            bc = _shared_buffer(BCBUF_ASM, lane)
         c = n_chunks - 1
         nxt = (_load_state(ck_ptr + tl.maximum(c - 1, 0) * SLOT, lane, c > 0, BLOCK_D, BLOCK_N),
                _lane_loads(u_ptr, dt_ptr, z_ptr, dout_ptr, c * CHUNK, L, s_ul, s_tl, s_zl, s_ol, CHUNK, HAS_Z,
@@ -646,13 +650,18 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                    _dz_loads(dz_in, cn * CHUNK, L, s_dzl, CHUNK, DZ_ADD, REVERSE))
             ld = cur[1]
             h = cur[0]
+            if SHARED_BC:  # (its barrier first: the last chunk's loads from the buffer are all done)
+                _store_bc(bc, lane, (cur[2][0], cur[3][0]))
             hs = ()    # hs[k] = h_{t-1} of the chunk's k-th step t, where not in shared memory
             kept = ()  # each step's u, delta and delta + bias (fp32), kept for the way back
             for k in tl.static_range(CHUNK):
                 m_d = mask_d & (c * CHUNK + k < L)
                 u = ld[k][0].to(tl.float32)
                 dt, x = _delta(ld[k][1], bias, m_d, SOFTPLUS)
-                Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
+                if SHARED_BC:
+                    Bt = _shared_step(bc, k, False)
+                else:
+                    Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
                 dtu = dt * u
                 if SHARED:
                     _store_row(hrow + k * (BLOCK_D * HROW), h)
@@ -674,8 +683,12 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                     hp = _load_row(hrow + k * (BLOCK_D * HROW))
                 else:
                     hp = hs[k]
-                Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
-                Ct = _step_bc(cur[3], k, BLOCK_D, BLOCK_N, PACKED)
+                if SHARED_BC:
+                    Bt = _shared_step(bc, k, False)
+                    Ct = _shared_step(bc, k, True)
+                else:
+                    Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
+                    Ct = _step_bc(cur[3], k, BLOCK_D, BLOCK_N, PACKED)
                 dy = tl.where(m_d, ld[k][3].to(tl.float32) * scale, 0.0)  # 0 past the sequence: g passes through
                 if HAS_Z:
                     dz, dy = _gate_back(dy, ld[k][2], u, Ct, hc, Dv, BLOCK_N)
