@@ -32,8 +32,8 @@ Loads ahead of use. The scan is bound by the latency of its loads, not by its ar
 load goes out a group of steps before the steps that use it:
   * B_t and C_t are the same for every lane. They are loaded spread over the lanes (``_spread``): lane l holds 32-bit
     word l mod W of step l div W (W words a step: 8 for 16 bf16 states packed in pairs), so one register per lane
-    holds 32 / W steps, and a step's words reach every lane by warp shuffles (``_word``) or, in the forward and pass
-    1 at 16 states, through shared memory (below). Loaded as scalars, each lane would hold W registers a step, and
+    holds 32 / W steps, and a step's words reach every lane by warp shuffles (``_word``) or, at 16 states, through
+    shared memory (below). Loaded as scalars, each lane would hold W registers a step, and
     the backward has no registers to spare for that.
   * The forward loads GROUP steps at once, one group ahead.
   * The backward's two passes load the next chunk while they compute the current one.
@@ -55,22 +55,23 @@ resident; 0.5-5.5% faster than one launch, docs/results/scan_ab_split_maxnreg_h1
 Shared memory. The forward and pass 2 are bound by issuing their instructions (pass 2 with few warps resident: it needs
 many registers), so at 16 states (the model's) some of their work goes through shared memory, by inline PTX (Triton
 has no other way to it):
-  * The forward's B_t and C_t (and pass 1's B_t), where a group's (chunk's) are one register per lane: once a group
-    each lane unpacks its word of B and of C to fp32 and stores them, and then every lane reads a step's 16 values of
-    B and of C with 8 vector loads of the address that all lanes read (a broadcast, no bank conflicts). Shuffled, B
-    and C took 16 shuffles and 32 unpacking instructions a step; the forward's loop goes from 182 to 145 instructions
-    a step (sm_90), pass 1's from 128 to 109 (at 80 registers instead of 64). On an H100 at 257 tokens, batch 512 the
-    forward call took 5-8% less time and the backward 0.3-0.6% less (docs/SPEED.md).
+  * B_t and C_t, in the forward and in both passes of the backward, where a group's (chunk's) are one register per
+    lane: once a group each lane unpacks its word of B and of C to fp32 and stores them, and then every lane reads a
+    step's 16 values of B and of C with 8 vector loads of the address that all lanes read (a broadcast, no bank
+    conflicts). Shuffled, B and C took 16 shuffles and 32 unpacking instructions a step; the forward's loop goes from
+    182 to 145 instructions a step (sm_90), pass 1's from 128 to 109 (at 80 registers instead of 64), pass 2's from
+    481 to 431. On an H100 at 257 tokens, batch 512 the forward call took 5-8% less time, and the backward 0.3-0.6%
+    less with pass 1's and 2.4% less with pass 2's (docs/SPEED.md).
   * Pass 2's sums over the lanes: each lane stores its 32 parts (dB_t's and dC_t's 16 each) as a column of a table,
     then reads one row back in 16-byte vectors and adds it up: 32 stores, 8 loads and 31 adds a step, against 31
     shuffles, 62 selects and 31 adds for a reduce-scatter of warp shuffles (``_sum_over_lanes``).
   * Pass 2's recomputed states of the chunk: one row of 16 fp32 per lane and step (4 vector stores, and 4 loads on
     the way back), not 16 registers per step of the chunk.
-Pass 2 keeps the shuffles for B and C (52 instructions a step of its 481): it already makes 36 stores and 12 loads a
-step in shared memory, and the exponentials there, which added about 32 wavefronts a step, made it 4-5% slower
-(docs/SPEED.md). Triton's interpreter runs no PTX: there B and C come by shuffles, the states stay in registers and
-the sums are the reduce-scatter. CHUNK trades scratch traffic (1/CHUNK of all the states, written and read once)
-against the registers the kept per-step values take, and so resident warps.
+Pass 2's B and C add 12 broadcast loads a step to its 12 loads and 36 stores in shared memory (its exponentials
+there, about 32 wavefronts a step, had made it 4-5% slower; docs/SPEED.md). Triton's interpreter runs no PTX: there
+B and C come by shuffles, the states stay in registers and the sums are the reduce-scatter. CHUNK trades scratch
+traffic (1/CHUNK of all the states, written and read once) against the registers the kept per-step values take, and
+so resident warps.
 
 The scratch is fp32 for fp32 inputs and bf16 for 16-bit ones. Writing it is most of pass 1's time: at 257 tokens,
 batch 512 the fp32 scratch was 2.1 GB a call, and pass 1 ran at 76% of the memory's bandwidth. In bf16 the backward
@@ -397,13 +398,14 @@ STORE_ROW_ASM = tl.constexpr("{ " + " ".join(
 LOAD_ROW_ASM = tl.constexpr("{ " + " ".join(
     f"ld.shared.v4.f32 {{${4 * i}, ${4 * i + 1}, ${4 * i + 2}, ${4 * i + 3}}}, [$16+{16 * i}];" for i in range(4))
     + " }")
-# The forward's B_t and C_t and pass 1's B_t through shared memory, where each is one register per lane as _spread loads
+# B_t and C_t (pass 1: B_t) through shared memory, where each is one register per lane as _spread loads
 # it (16 states, packed bf16, 4 steps a group or chunk): once a group each lane stores its word of B (and of C)
 # unpacked to fp32, and each step every lane reads the step's 16 values with 4 vector loads of one address (a
 # broadcast), instead of 8 warp shuffles and 16 unpacking instructions a step for each of B and C (_step_bc, which the
 # interpreter and other state counts keep). sm_90 loops of 145 instructions a step in the forward (182 with shuffles)
 # and 109 in pass 1 (128, but at 80 registers instead of 64). H100, 257 tokens, batch 512 (tools/scan_ab.py): the
-# forward 0.756 -> 0.716 ms a call, the backward 2.955 -> 2.945 ms; pass 1 with shuffles instead, 2.962 ms.
+# forward 0.756 -> 0.716 ms a call, the backward 2.955 -> 2.945 ms; pass 1 with shuffles instead, 2.962 ms. Pass 2:
+# 481 -> 431 instructions a step, the backward 2.932 -> 2.863 ms a call (same GPU and shape, a later run).
 BC_STEPS = tl.constexpr(4)  # steps of a group (forward) or chunk (backward) that one register per lane holds
 BC_BYTES = tl.constexpr(BC_STEPS.value * 16 * 4)  # one group's B (or C) as fp32: 64 bytes a step
 BCBUF_ASM = tl.constexpr("{ .shared .align 16 .b8 bcbuf[%d]; mov.u32 $0, bcbuf; }" % (2 * BC_BYTES.value))
