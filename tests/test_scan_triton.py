@@ -559,10 +559,13 @@ def test_gpu_small_cases(case):
     check_case(case, "cuda", torch.float32, tol=1e-4)
 
 
+GPU_VARIANT_CASES = VARIANT_CASES + MODEL_CASES[2:]
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("case", VARIANT_CASES + MODEL_CASES[2:], ids=[c["id"] for c in VARIANT_CASES + MODEL_CASES[2:]])
+@pytest.mark.parametrize("case", GPU_VARIANT_CASES, ids=[c["id"] for c in GPU_VARIANT_CASES])
 def test_gpu_variants(case, variant):
     check_case(case, "cuda", torch.float32, tol=1e-4 if case["D"] < 768 else 1e-3, variant=VARIANTS[variant])
 
