@@ -497,12 +497,11 @@ def test_shared_memory_code_sums_over_lanes_and_keeps_states_without_bank_confli
 
 
 def test_shared_memory_code_passes_b_and_c_to_every_lane_without_bank_conflicts():
-    """The forward's (and pass 1's) B_t and C_t through shared memory, run by the model of a warp: each lane holds one
-    packed word of B and one of C of a group of 4 steps (lane l: word l mod 8 of step l div 8, two bf16 states each, as
-    _spread loads them) and stores them, unpacked to fp32; then every lane reads each step's values of B and of C
-    with the same loads. They must be the
-    bf16 values of that step, states 0..15 in order, bit for bit; no access has a bank conflict (the loads are
-    broadcasts) and all are aligned and inside the 512-byte buffer."""
+    """B_t and C_t through shared memory (the forward's and both backward passes'), run by the model of a warp: each
+    lane holds one packed word of B and one of C of a group of 4 steps (lane l: word l mod 8 of step l div 8, two bf16
+    states each, as _spread loads them) and stores them, unpacked to fp32; then every lane reads each step's values of
+    B and of C with the same loads. They must be the bf16 values of that step, states 0..15 in order, bit for bit; no
+    access has a bank conflict (the loads are broadcasts) and all are aligned and inside the 512-byte buffer."""
     import models.scan_triton as st
     g = torch.Generator().manual_seed(1)
     steps, size = st.BC_STEPS.value, 2 * st.BC_BYTES.value
