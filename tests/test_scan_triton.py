@@ -551,23 +551,18 @@ MODEL_CASES = [_case(64, 768, 16, L, seed=10 + L) for L in (65, 257)] + [_case(6
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-def test_gpu_small_cases(case):
-    check_case(case, "cuda", torch.float32, tol=1e-4)
-
-
-# bf16, (B, L, N) B and C at 16 states: the packed loads and B_t/C_t through shared memory, here at partial groups
+# bf16 adds (B, L, N) B and C at 16 states: the packed loads and B_t/C_t through shared memory, here at partial groups
 # and chunks, a partial channel block, L = 1 and 12, reverse and the epilogue (the model's shapes are below)
-GPU_BF16_CASES = CASES + BF16_CASES[2:]
+GPU_SMALL_CASES = ([(c, torch.float32, 1e-4) for c in CASES]
+                   + [(c, torch.bfloat16, 2e-2) for c in CASES + BF16_CASES[2:]])
 
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("case", GPU_BF16_CASES, ids=[c["id"] for c in GPU_BF16_CASES])
-def test_gpu_small_cases_bf16(case):
-    check_case(case, "cuda", torch.bfloat16, tol=2e-2)
+@pytest.mark.parametrize("case,dtype,tol", GPU_SMALL_CASES,
+                         ids=[f"{c['id']}-{str(d)[6:]}" for c, d, _ in GPU_SMALL_CASES])
+def test_gpu_small_cases(case, dtype, tol):
+    check_case(case, "cuda", dtype, tol=tol)
 
 
 GPU_VARIANT_CASES = VARIANT_CASES + MODEL_CASES[2:]
