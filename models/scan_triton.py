@@ -284,6 +284,7 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, add_
     C_ptr += pid_b * s_Cb
     out_ptr += pid_b * s_ob
     SHARED: tl.constexpr = SMEM and BLOCK_N == 16 and PACKED and GROUP == BC_STEPS
+    bc = 0
     if SHARED:  # the group's B_t and C_t in shared memory (B's 4 steps, then C's)
         bc = _shared_buffer(BCBUF_ASM, lane)
     h = ()
@@ -311,12 +312,8 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, add_
             z_r = steps[k][2]
             u = u_r.to(tl.float32)
             dt, _ = _delta(dt_r, bias, mask_d & live, SOFTPLUS)  # 0 past the sequence: the state stays
-            if SHARED:
-                Bt = _shared_step(bc, k, False)
-                Ct = _shared_step(bc, k, True)
-            else:
-                Bt = _step_bc(cur[1], k, BLOCK_D, BLOCK_N, PACKED)
-                Ct = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
+            Bt = _bc_step(bc, cur[1], k, False, SHARED, BLOCK_D, BLOCK_N, PACKED)
+            Ct = _bc_step(bc, cur[2], k, True, SHARED, BLOCK_D, BLOCK_N, PACKED)
             dtu = dt * u
             y = Dv * u
             nh = ()
@@ -475,6 +472,18 @@ def _shared_step(bc, k, IS_C: tl.constexpr):
 
 
 @triton.jit
+def _bc_step(bc, regs, k, IS_C: tl.constexpr, SHARED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+             PACKED: tl.constexpr):
+    """Step k's B_t (or C_t) as fp32 channel vectors: from the shared buffer at bc with SHARED, else from regs, the
+    group's (chunk's) _spread registers."""
+    if SHARED:
+        out = _shared_step(bc, k, IS_C)
+    else:
+        out = _step_bc(regs, k, BLOCK_D, BLOCK_N, PACKED)
+    return out
+
+
+@triton.jit
 def _gate_back(dy, z_raw, u, Ct, hc, Dv, BLOCK_N: tl.constexpr):
     """Back through out = y * silu(z): -> (dz, the gradient of y), with y = <C_t, h_t> + D*u recomputed."""
     z = z_raw.to(tl.float32)
@@ -542,10 +551,7 @@ def _chunk_end(h, steps, B_regs, bias, A2, mask_d, bc, lane, CHUNK: tl.constexpr
         _store_bc(bc, lane, (B_regs[0],))
     for k in tl.static_range(CHUNK):
         dt, _ = _delta(steps[k][1], bias, mask_d, SOFTPLUS)
-        if SHARED:
-            Bt = _shared_step(bc, k, False)
-        else:
-            Bt = _step_bc(B_regs, k, BLOCK_D, BLOCK_N, PACKED)
+        Bt = _bc_step(bc, B_regs, k, False, SHARED, BLOCK_D, BLOCK_N, PACKED)
         dtu = dt * steps[k][0].to(tl.float32)
         nh = ()
         for n in tl.static_range(BLOCK_N):
@@ -660,10 +666,7 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 m_d = mask_d & (c * CHUNK + k < L)
                 u = ld[k][0].to(tl.float32)
                 dt, x = _delta(ld[k][1], bias, m_d, SOFTPLUS)
-                if SHARED_BC:
-                    Bt = _shared_step(bc, k, False)
-                else:
-                    Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
+                Bt = _bc_step(bc, cur[2], k, False, SHARED_BC, BLOCK_D, BLOCK_N, PACKED)
                 dtu = dt * u
                 if SHARED:
                     _store_row(hrow + k * (BLOCK_D * HROW), h)
@@ -685,12 +688,8 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                     hp = _load_row(hrow + k * (BLOCK_D * HROW))
                 else:
                     hp = hs[k]
-                if SHARED_BC:
-                    Bt = _shared_step(bc, k, False)
-                    Ct = _shared_step(bc, k, True)
-                else:
-                    Bt = _step_bc(cur[2], k, BLOCK_D, BLOCK_N, PACKED)
-                    Ct = _step_bc(cur[3], k, BLOCK_D, BLOCK_N, PACKED)
+                Bt = _bc_step(bc, cur[2], k, False, SHARED_BC, BLOCK_D, BLOCK_N, PACKED)
+                Ct = _bc_step(bc, cur[3], k, True, SHARED_BC, BLOCK_D, BLOCK_N, PACKED)
                 dy = tl.where(m_d, ld[k][3].to(tl.float32) * scale, 0.0)  # 0 past the sequence: g passes through
                 if HAS_Z:
                     dz, dy = _gate_back(dy, ld[k][2], u, Ct, hc, Dv, BLOCK_N)
