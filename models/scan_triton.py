@@ -163,9 +163,15 @@ def _delta(raw, bias, mask, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _setup(A_ptr, D_ptr, bias_ptr, s_Ad, s_An, offs_d, mask_d, N: tl.constexpr, BLOCK_N: tl.constexpr,
-           HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """A*log2(e) as BLOCK_N channel vectors (0 for padded states: their state stays 0), delta_bias, D."""
+def _setup(pid_d, Dim, A_ptr, D_ptr, bias_ptr, s_Ad, s_An, N: tl.constexpr, BLOCK_D: tl.constexpr,
+           BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A program's channels (block pid_d) -> lane, offs_d, mask_d, offs_c (offs_d clamped to the last channel:
+    channels past Dim read its data, with delta 0), A*log2(e) as BLOCK_N channel vectors (0 for padded states: their
+    state stays 0), delta_bias, D."""
+    lane = tl.arange(0, BLOCK_D)
+    offs_d = pid_d * BLOCK_D + lane
+    mask_d = offs_d < Dim
+    offs_c = tl.minimum(offs_d, Dim - 1)
     A2 = ()
     for n in tl.static_range(BLOCK_N):
         A2 = A2 + (tl.load(A_ptr + n * s_An + offs_d * s_Ad, mask=mask_d & (n < N), other=0.0).to(tl.float32)
@@ -176,7 +182,7 @@ def _setup(A_ptr, D_ptr, bias_ptr, s_Ad, s_An, offs_d, mask_d, N: tl.constexpr, 
     Dv = 0.0
     if HAS_D:
         Dv = _vec(D_ptr, offs_d, mask_d)
-    return A2, bias, Dv
+    return lane, offs_d, mask_d, offs_c, A2, bias, Dv
 
 
 @triton.jit
@@ -271,11 +277,8 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, add_
                 SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 PACKED: tl.constexpr, GROUP: tl.constexpr, HAS_ADD: tl.constexpr):
     pid_b = tl.program_id(1).to(tl.int64)
-    lane = tl.arange(0, BLOCK_D)
-    offs_d = tl.program_id(0) * BLOCK_D + lane
-    mask_d = offs_d < Dim
-    offs_c = tl.minimum(offs_d, Dim - 1)  # channels past Dim read the last one's data, with delta 0
-    A2, bias, Dv = _setup(A_ptr, D_ptr, bias_ptr, s_Ad, s_An, offs_d, mask_d, N, BLOCK_N, HAS_D, HAS_BIAS)
+    lane, offs_d, mask_d, offs_c, A2, bias, Dv = _setup(tl.program_id(0), Dim, A_ptr, D_ptr, bias_ptr, s_Ad, s_An,
+                                                        N, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
     u_ptr += pid_b * s_ub + offs_c * s_ud  # per-lane pointers: the loads below add only the step's offset
     dt_ptr += pid_b * s_tb + offs_c * s_td
     z_ptr += pid_b * s_zb + offs_c * s_zd
@@ -573,11 +576,8 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout
                 PASS: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    lane = tl.arange(0, BLOCK_D)
-    offs_d = pid_d * BLOCK_D + lane
-    mask_d = offs_d < Dim
-    offs_c = tl.minimum(offs_d, Dim - 1)  # channels past Dim read the last one's data, with delta 0
-    A2, bias, Dv = _setup(A_ptr, D_ptr, bias_ptr, s_Ad, s_An, offs_d, mask_d, N, BLOCK_N, HAS_D, HAS_BIAS)
+    lane, offs_d, mask_d, offs_c, A2, bias, Dv = _setup(pid_d, Dim, A_ptr, D_ptr, bias_ptr, s_Ad, s_An, N, BLOCK_D,
+                                                        BLOCK_N, HAS_D, HAS_BIAS)
     u_ptr += pid_b * s_ub + offs_c * s_ud  # per-lane pointers: the loads below add only the step's offset
     dt_ptr += pid_b * s_tb + offs_c * s_td
     z_ptr += pid_b * s_zb + offs_c * s_zd
