@@ -10,6 +10,7 @@
 #                                                        # passes: --arch in it is refused, use ARCH_CIFAR10...)
 #   LR=5e-4 ./run_mamba_baseline.sh                      # the recipe's numbers too (see "The guide's recipe")
 #   NPROC=2 RUN_CIFAR100=false ./run_mamba_baseline.sh   # one CIFAR-10 run over GPUs 0,1 (torchrun, DDP)
+#   CUDA_GRAPHS=false ./run_mamba_baseline.sh            # compile without CUDA graphs (see CUDA_GRAPHS below)
 #
 # The script returns at once; the runs go on under nohup. Each run writes
 #   $LOG_DIR/<arch>_<dataset>_baseline_<timestamp>.log    (the trainer's log)
@@ -37,6 +38,11 @@ ALLOW_CPU="${ALLOW_CPU:-false}"             # true -> run on the CPU when no GPU
 EXTRA_ARGS="${EXTRA_ARGS:-}"                # appended (word-split) to each command; not options set here
 RESUME="${RESUME:-false}"                   # true -> --resume auto
 NPROC="${NPROC:-1}"                         # GPUs per run: >1 runs each data set over NPROC GPUs with torchrun
+# CUDA graphs (--cuda_graphs) replay each compiled step instead of launching its kernels one by one: 1.22x the
+# images/s at batch 128 and 257 tokens (docs/SPEED.md). auto: on for runs of one process on a GPU at BATCH_SIZE <=
+# 128, unless EXTRA_ARGS turns compiling off or sets --deterministic or --accum_steps; at batch 512 they were not
+# shown to help, and with several processes they are untested. true: always (one process on a GPU); false: never.
+CUDA_GRAPHS="${CUDA_GRAPHS:-auto}"
 RUN_ID="${RUN_ID:-$(date +%Y%m%d_%H%M%S)}"  # the logs' name part (--run_id): the launch time
 
 # The guide's training recipe.
@@ -64,6 +70,10 @@ for var in RUN_CIFAR10 RUN_CIFAR100 RUN_QUICK_TEST ALLOW_CPU RESUME; do
         *) die 2 "$var must be true or false, got '${!var}'" ;;
     esac
 done
+case "$CUDA_GRAPHS" in
+    auto|true|false) ;;
+    *) die 2 "CUDA_GRAPHS must be auto, true or false, got '$CUDA_GRAPHS'" ;;
+esac
 
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 is_uint "$EPOCHS" && [ "$EPOCHS" -gt 0 ] || die 2 "EPOCHS must be a positive integer, got '$EPOCHS'"
@@ -98,6 +108,7 @@ launcher_setting() {  # the setting of this script that passes trainer option $1
         --mixup_alpha) echo "MIXUP_ALPHA" ;;
         --cutmix_alpha) echo "CUTMIX_ALPHA" ;;
         --label_smoothing) echo "LABEL_SMOOTHING" ;;
+        --cuda_graphs) echo "CUDA_GRAPHS=true" ;;
     esac
 }
 # The launcher prints each run's log path and device from its own settings: the same option in EXTRA_ARGS would
@@ -160,6 +171,20 @@ else
     done
 fi
 
+GRAPHS=false
+if [ "$CUDA_GRAPHS" = true ]; then
+    [ "$USE_CPU" = false ] || die 2 "CUDA_GRAPHS=true needs a GPU"
+    [ "$NPROC" -eq 1 ] || die 2 "CUDA_GRAPHS=true needs NPROC=1 (CUDA graphs are untested with several processes)"
+    GRAPHS=true
+elif [ "$CUDA_GRAPHS" = auto ] && [ "$USE_CPU" = false ] && [ "$NPROC" -eq 1 ] && [ "$BATCH_SIZE" -le 128 ]; then
+    GRAPHS=true
+    for word in ${EXTRA[@]+"${EXTRA[@]}"}; do
+        case "${word%%=*}" in
+            --no_compile|--deterministic|--accum_steps) GRAPHS=false ;;
+        esac
+    done
+fi
+
 # ----------------------------------------------------------------------------- launch
 mkdir -p "$LOG_DIR"
 TS="$RUN_ID"
@@ -198,6 +223,7 @@ for ds in "${DATASETS[@]}"; do
           --lr "$LR" --weight_decay "$WEIGHT_DECAY" --warmup_epochs "$WARMUP_EPOCHS"
           --mixup_alpha "$MIXUP_ALPHA" --cutmix_alpha "$CUTMIX_ALPHA" --label_smoothing "$LABEL_SMOOTHING")
     [ "$RESUME" = true ] && cmd+=(--resume auto)
+    [ "$GRAPHS" = true ] && cmd+=(--cuda_graphs)
     cmd+=(${EXTRA[@]+"${EXTRA[@]}"})
 
     PYTHONUNBUFFERED=1 nohup "${cmd[@]}" > "$stem.out" 2>&1 < /dev/null &

@@ -239,6 +239,7 @@ def test_default_launch_two_gpus(launcher):
         assert opt(argv, "--cutmix_alpha") == "1.0"
         assert opt(argv, "--label_smoothing") == "0.1"
         assert "--resume" not in argv
+        assert argv[-1] == "--cuda_graphs"  # CUDA_GRAPHS=auto: one process a GPU at batch 128
 
         ts = opt(argv, "--run_id")
         assert re.fullmatch(TS_RE, ts)
@@ -381,7 +382,7 @@ def test_extra_args_are_appended_and_word_split(launcher):
     ("--data_dir /d", "DATA_ROOT"), ("--resume auto", "RESUME=true"), ("--lr 5e-4", "LR"),
     ("--weight_decay=0.1", "WEIGHT_DECAY"), ("--warmup_epochs 5", "WARMUP_EPOCHS"),
     ("--mixup_alpha 0", "MIXUP_ALPHA"), ("--cutmix_alpha 0", "CUTMIX_ALPHA"),
-    ("--label_smoothing 0", "LABEL_SMOOTHING")])
+    ("--label_smoothing 0", "LABEL_SMOOTHING"), ("--cuda_graphs", "CUDA_GRAPHS=true")])
 def test_extra_args_may_not_set_what_the_launcher_passes(launcher, extra, setting):
     """The launcher reports each run's log path and device from its own settings: EXTRA_ARGS overriding one of
     them would make the report wrong (issue 23), so it is refused, naming the setting to use."""
@@ -415,6 +416,39 @@ def test_bad_recipe_value_or_run_id_exits_2(launcher, var, value):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and var in err[0], proc.stderr
     assert launcher.started() == []
+
+
+@pytest.mark.parametrize("settings", [
+    dict(BATCH_SIZE="256"), dict(CUDA_GRAPHS="false"), dict(gpus=4, NPROC="2"),
+    dict(gpus=0, ALLOW_CPU="true"), dict(EXTRA_ARGS="--no_compile"), dict(EXTRA_ARGS="--deterministic"),
+    dict(EXTRA_ARGS="--accum_steps=2"), dict(EXTRA_ARGS="--num_workers 2 --accum_steps 1")],
+    ids=["batch256", "false", "nproc2", "cpu", "no_compile", "deterministic", "accum2", "accum1"])
+def test_cuda_graphs_auto_stays_off_where_not_shown_to_help_or_excluded(launcher, settings):
+    """CUDA_GRAPHS=auto passes --cuda_graphs only to one-process GPU runs at batch <= 128 that compile and do not
+    accumulate (the trainer's conditions for graphs, and the batch at which they were measured faster)."""
+    proc = launcher.run(**settings)
+    assert proc.returncode == 0, proc.stderr
+    assert "--cuda_graphs" not in launcher.argv("cifar10")
+
+
+def test_cuda_graphs_true_passes_them_at_any_batch(launcher):
+    proc = launcher.run(CUDA_GRAPHS="true", BATCH_SIZE="512", EXTRA_ARGS="--accum_steps 1")
+    assert proc.returncode == 0, proc.stderr
+    for ds in ("cifar10", "cifar100"):
+        assert launcher.argv(ds).count("--cuda_graphs") == 1
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(CUDA_GRAPHS="true", gpus=4, NPROC="2"), "CUDA_GRAPHS=true needs NPROC=1"),
+    (dict(CUDA_GRAPHS="true", gpus=0, ALLOW_CPU="true"), "CUDA_GRAPHS=true needs a GPU"),
+    (dict(CUDA_GRAPHS="yes"), "CUDA_GRAPHS must be auto, true or false, got 'yes'")])
+def test_cuda_graphs_that_cannot_run_exit_2(launcher, settings, message):
+    proc = launcher.run(**settings)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0], proc.stderr
+    time.sleep(0.3)
+    assert launcher.started() == [] and proc.runs == {}
 
 
 @pytest.mark.parametrize("var", ["RUN_CIFAR10", "RUN_CIFAR100", "RUN_QUICK_TEST", "ALLOW_CPU", "RESUME"])
