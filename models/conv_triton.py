@@ -233,41 +233,32 @@ def _(x, w_f, b_f, w_b, b_b, p_f, p_b):
 
 
 @torch.library.custom_op("vim::conv_pair_bwd", mutates_args=())
-def _conv_pair_bwd(du_f: Tensor, du_b: Tensor, dq_f: Optional[Tensor], dq_b: Optional[Tensor], x: Tensor,
-                   w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor, p_f: Optional[Tensor], p_b: Optional[Tensor],
-                   u_f: Optional[Tensor], u_b: Optional[Tensor]) -> List[Tensor]:
-    """dq_f, dq_b: the projections' output gradients (with p_f, p_b, and the saved u_f, u_b)."""
+def _conv_pair_bwd(du_f: Tensor, du_b: Tensor, e_f: Optional[Tensor], e_b: Optional[Tensor], x: Tensor,
+                   w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) -> List[Tensor]:
+    """-> dx, and the weights' and biases' gradients as per-batch sums (B, 2, K + 1, D) fp32, which _backward
+    finishes. e_f, e_b: u's second gradients (from the projections), which the kernel adds to du_f's and du_b's."""
     Bsz, L, Dim = x.shape
     K = w_f.shape[1]
-    du_f, du_b = _channels_contiguous(du_f), _channels_contiguous(du_b)
-    e_f = e_b = du_f  # (unread without the projections)
-    grads_p = []
-    if p_f is not None:
-        # u's gradient from each projection, summed with the scan's by the conv kernel as it reads both; the kernel
-        # reads e with du's strides, so both are contiguous (the scan's du already is: no copy in the model)
-        du_f, du_b = du_f.contiguous(), du_b.contiguous()
-        e_f, e_b = (_project(dq, p.t()) for dq, p in ((dq_f, p_f), (dq_b, p_b)))
-        grads_p = [(dq.reshape(Bsz * L, -1).t() @ u.reshape(Bsz * L, Dim)).to(p.dtype)
-                   for dq, u, p in ((dq_f, u_f, p_f), (dq_b, u_b, p_b))]
+    extra = e_f is not None
+    if not extra:
+        du_f, du_b = _channels_contiguous(du_f), _channels_contiguous(du_b)
+        e_f = e_b = du_f  # (unread)
+    else:  # the kernel reads e with du's strides
+        du_f, du_b, e_f, e_b = (t.contiguous() for t in (du_f, du_b, e_f, e_b))
     dx = torch.empty(Bsz, L, Dim, dtype=x.dtype, device=x.device)
     dw = torch.empty(Bsz, 2, K + 1, Dim, dtype=torch.float32, device=x.device)
     with _device(x):
         _conv_bwd_kernel[(triton.cdiv(Dim, BLOCK_D), Bsz)](
             x, w_f, b_f, w_b, b_b, du_f, du_b, e_f, e_b, dx, dw, L, Dim, x.stride(0), x.stride(1), du_f.stride(0),
             du_f.stride(1), du_b.stride(0), du_b.stride(1), dx.stride(0), dx.stride(1),
-            K=K, R=ROWS, BLOCK_D=BLOCK_D, HAS_EXTRA=p_f is not None, num_warps=BLOCK_D // 32)
-    dw = dw.sum(0)  # (2, K + 1, D); each gradient its own copy (a custom op's outputs may not alias)
-    return [dx, dw[0, :K].t().to(w_f.dtype, copy=True, memory_format=torch.contiguous_format),
-            dw[0, K].to(b_f.dtype, copy=True), dw[1, :K].t().to(w_b.dtype, copy=True,
-                                                                memory_format=torch.contiguous_format),
-            dw[1, K].to(b_b.dtype, copy=True)] + grads_p
+            K=K, R=ROWS, BLOCK_D=BLOCK_D, HAS_EXTRA=extra, num_warps=BLOCK_D // 32)
+    return [dx, dw]
 
 
 @_conv_pair_bwd.register_fake
-def _(du_f, du_b, dq_f, dq_b, x, w_f, b_f, w_b, b_b, p_f, p_b, u_f, u_b):
-    out = [torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(w_f), torch.empty_like(b_f),
-           torch.empty_like(w_b), torch.empty_like(b_b)]
-    return out if p_f is None else out + [torch.empty_like(p_f), torch.empty_like(p_b)]
+def _(du_f, du_b, e_f, e_b, x, w_f, b_f, w_b, b_b):
+    return [torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            x.new_empty(x.shape[0], 2, w_f.shape[1] + 1, x.shape[2], dtype=torch.float32)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -277,13 +268,24 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grads):
+    """The op's gradients. The projections' products and the finishing sums, slices and casts are plain torch ops
+    here, outside the custom op, so that torch.compile traces them into the backward graph and fuses them; run
+    eagerly inside the op they were 9 launches besides the kernel and the products (docs/SPEED.md)."""
     x, w_f, b_f, w_b, b_b, p_f, p_b, u_f, u_b = ctx.saved_tensors
+    Bsz, L, Dim = x.shape
+    K = w_f.shape[1]
     du_f, du_b = (torch.zeros_like(x) if g is None else g for g in grads[:2])
-    dq_f = dq_b = None
-    if ctx.projected:
+    e_f = e_b = None
+    grads_p = (None, None)
+    if ctx.projected:  # dq: the products' gradients; u's from them (e) goes to the kernel, which adds it to du's
         dq_f, dq_b = (x.new_zeros(*x.shape[:2], p.shape[0]) if g is None else g for g, p in zip(grads[2:], (p_f, p_b)))
-    out = _conv_pair_bwd(du_f, du_b, dq_f, dq_b, x, w_f, b_f, w_b, b_b, p_f, p_b, u_f, u_b)
-    return (*out[:5], *(out[5:] if ctx.projected else (None, None)))
+        e_f, e_b = (_project(dq, p.t()) for dq, p in ((dq_f, p_f), (dq_b, p_b)))
+        grads_p = [(dq.reshape(Bsz * L, -1).t() @ u.reshape(Bsz * L, Dim)).to(p.dtype)
+                   for dq, u, p in ((dq_f, u_f, p_f), (dq_b, u_b, p_b))]
+    dx, dw = _conv_pair_bwd(du_f, du_b, e_f, e_b, x, w_f, b_f, w_b, b_b)
+    dw = dw.sum(0)  # (2, K + 1, D)
+    return (dx, dw[0, :K].t().contiguous().to(w_f.dtype), dw[0, K].to(b_f.dtype),
+            dw[1, :K].t().contiguous().to(w_b.dtype), dw[1, K].to(b_b.dtype), *grads_p)
 
 
 _conv_pair_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -303,4 +305,6 @@ def conv_pair_silu(x, w_f, b_f, w_b, b_b, p_f=None, p_b=None):
         raise ValueError(f"batch {Bsz} is above 65535; split it")
     if (p_f is None) != (p_b is None) or (p_f is not None and (p_f.shape[1] != Dim or p_b.shape != p_f.shape)):
         raise ValueError(f"projections must both be given, (P, {Dim}) each")
+    if p_f is not None:  # cast here, where torch.compile fuses the casts, not in the op (as autocast casts them)
+        p_f, p_b = p_f.to(x.dtype), p_b.to(x.dtype)
     return tuple(_conv_pair_fwd(_channels_contiguous(x), w_f.contiguous(), b_f, w_b.contiguous(), b_b, p_f, p_b))

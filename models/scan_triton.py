@@ -764,10 +764,12 @@ def _forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
 
 
 def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale=1.0,
-                     dz_out=None):
+                     dz_out=None, dBC=None):
     """-> (grid, arguments, compile-time constants but PASS, output buffers) of the backward kernel's two launches,
     one per pass (the registers tool, tools/scan_regs.py, compiles exactly these without a GPU). dz_out: z's gradient
-    from the other direction's backward (the scan pair's), which pass 2 adds its own to (DZ_ADD), in place."""
+    from the other direction's backward (the scan pair's), which pass 2 adds its own to (DZ_ADD), in place. dBC: a
+    zeroed (2, B, L, N) fp32 buffer for the dB and dC the kernel adds into (the scan pair zeroes both directions'
+    with one launch); by default one of its own."""
     Bsz, Dim, L = u.shape
     if dz_out is not None and (z is None or dz_out.shape != z.shape or dz_out.dtype != z.dtype):
         raise ValueError("dz_out must be z's gradient: z's shape and dtype")
@@ -780,7 +782,11 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     f32 = dict(dtype=torch.float32, device=u.device)
     du, ddelta = _empty_like_bdl(u), _empty_like_bdl(delta)
     dz = _empty_like_bdl(z) if z is not None and dz_out is None else dz_out
-    dB, dC = (torch.zeros(Bsz, L, N, **f32) for _ in range(2))
+    if dBC is None:
+        dBC = torch.zeros(2, Bsz, L, N, **f32)
+    elif dBC.shape != (2, Bsz, L, N) or dBC.dtype != torch.float32 or not dBC.is_contiguous():
+        raise ValueError(f"dBC must be a contiguous fp32 (2, {Bsz}, {L}, {N}) buffer")
+    dB, dC = dBC.unbind(0)
     dA = torch.empty(Bsz, N, Dim, **f32)
     dD = torch.empty(Bsz, Dim, **f32)
     dbias = torch.empty(Bsz, Dim, **f32)
@@ -794,7 +800,7 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
             Dim, L, float(out_scale), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_strides,
             *dout.stride(), *du.stride(), *ddelta.stride(), *(dz.stride() if dz is not None else (0, 0, 0)))
     meta = dict(meta, LOG2N=block_n.bit_length() - 1, CHUNK=chunk, DZ_ADD=dz_out is not None, num_warps=1)
-    return grid, args, meta, (du, ddelta, dz, dB, dC, dA, dD, dbias)
+    return grid, args, meta, (du, ddelta, dz, dBC, dA, dD, dbias)
 
 
 def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_add=None, out_scale=1.0):
@@ -804,27 +810,31 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_a
     return out
 
 
-def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale=1.0, dz_out=None):
+def _backward_buffers(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale=1.0, dz_out=None,
+                      dBC=None):
+    """The backward kernel's two passes -> its output buffers as the kernel leaves them (_finish's input)."""
     grid, args, meta, buffers = _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
-                                                 out_scale, dz_out)
+                                                 out_scale, dz_out, dBC)
     _bwd_kernel[grid](*args, **meta, PASS=1)
     _bwd_kernel[grid](*args, **meta, PASS=2)
-    # the gradients in the inputs' layouts and dtypes, per-batch partials summed
-    du, ddelta, dz, dB, dC, dA, dD, dbias = buffers
-    dA = dA.sum(0).t().contiguous().to(A.dtype)
-    dB = dB.transpose(1, 2).contiguous().to(B.dtype)  # (B, N, L)
-    dC = dC.transpose(1, 2).contiguous().to(C.dtype)
+    return buffers
+
+
+def _finish(du, ddelta, dz, dBC, dA, dD, dbias, A, B, C, D, delta_bias):
+    """The backward kernel's buffers -> the gradients in _backward's order, in the inputs' dtypes: per-batch partials
+    summed, dA (B, N, D) -> (D, N), dB and dC (B, L, N) -> (B, N, L) views. Plain torch ops, kept out of the custom
+    ops so that torch.compile traces them into the backward graph and fuses them: run eagerly inside an op, these
+    casts, sums and copies were 5 of a direction's 7 launches (docs/SPEED.md)."""
+    dA = dA.sum(0).t().to(A.dtype)
+    dB, dC = (g.transpose(1, 2).to(x.dtype) for g, x in zip(dBC.unbind(0), (B, C)))
     dD = dD.sum(0).to(D.dtype) if D is not None else None
     dbias = dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
-def _grad_layouts(u, delta, A, B, C, D, z, delta_bias):
-    return (_empty_like_bdl(u), _empty_like_bdl(delta), torch.empty_like(A, memory_format=torch.contiguous_format),
-            torch.empty_like(B, memory_format=torch.contiguous_format),
-            torch.empty_like(C, memory_format=torch.contiguous_format),
-            None if D is None else torch.empty_like(D), None if z is None else _empty_like_bdl(z),
-            None if delta_bias is None else torch.empty_like(delta_bias))
+def _backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale=1.0, dz_out=None):
+    buffers = _backward_buffers(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale, dz_out)
+    return _finish(*buffers, A, B, C, D, delta_bias)
 
 
 def _device(u):
@@ -862,8 +872,9 @@ def _given(grads, inputs):
 
 def scan_op(name, forward, backward):
     """-> a selective scan function (``selective_scan_triton``'s signature and checks) running ``forward`` and
-    ``backward`` (``_forward``'s and ``_backward``'s signatures) as the custom ops vim::<name>_fwd and _bwd, so that
-    torch.compile treats them as opaque calls and autograd knows the backward."""
+    ``backward`` (``_forward``'s and ``_backward_buffers``'s signatures) as the custom ops vim::<name>_fwd and _bwd,
+    so that torch.compile treats them as opaque calls and autograd knows the backward. The backward's buffers are
+    finished (_finish) outside the op, where torch.compile fuses that work."""
     def fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
             delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool, out_add: Optional[Tensor],
             out_scale: float) -> Tensor:
@@ -874,8 +885,8 @@ def scan_op(name, forward, backward):
             z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool,
             out_scale: float) -> List[Tensor]:
         with _device(u):
-            grads = backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale)
-        return _listed(grads, u)
+            buffers = backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale)
+        return _listed(buffers, u)
 
     fwd_op = torch.library.custom_op(f"vim::{name}_fwd", fwd, mutates_args=())
     bwd_op = torch.library.custom_op(f"vim::{name}_bwd", bwd, mutates_args=())
@@ -886,7 +897,12 @@ def scan_op(name, forward, backward):
 
     @bwd_op.register_fake
     def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale):
-        return _listed(_grad_layouts(u, delta, A, B, C, D, z, delta_bias), u)
+        Bsz, Dim, L = u.shape
+        N = A.shape[1]
+        f32 = dict(dtype=torch.float32, device=u.device)
+        return _listed((_empty_like_bdl(u), _empty_like_bdl(delta), None if z is None else _empty_like_bdl(z),
+                        torch.empty(2, Bsz, L, N, **f32), torch.empty(Bsz, N, Dim, **f32),
+                        torch.empty(Bsz, Dim, **f32), torch.empty(Bsz, Dim, **f32)), u)
 
     def setup_context(ctx, inputs, output):
         *tensors, ctx.delta_softplus, ctx.reverse, out_add, ctx.out_scale = inputs
@@ -894,11 +910,11 @@ def scan_op(name, forward, backward):
         ctx.save_for_backward(*tensors)
 
     def scan_backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        grads = bwd_op(dout, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.reverse, ctx.out_scale)
+        u, delta, A, B, C, D, z, delta_bias = inputs = ctx.saved_tensors
+        buffers = bwd_op(dout, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.reverse, ctx.out_scale)
+        grads = _finish(*buffers, A, B, C, D, delta_bias)
         # out_add's gradient is dout itself: passed on, not copied
-        return (*_given(grads, (u, delta, A, B, C, D, z, delta_bias)), None, None, dout if ctx.has_add else None,
-                None)
+        return (*_given(grads, inputs), None, None, dout if ctx.has_add else None, None)
 
     fwd_op.register_autograd(scan_backward, setup_context=setup_context)
 
@@ -915,7 +931,7 @@ def scan_op(name, forward, backward):
     return scan
 
 
-selective_scan_triton = scan_op("selective_scan", _forward, _backward)
+selective_scan_triton = scan_op("selective_scan", _forward, _backward_buffers)
 
 
 # ------------------------------------------------------------------------------------------------ the scan pair
@@ -927,20 +943,19 @@ def _pair_forward(u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_
     return _forward(u_b, dt_b, A_b, B_b, C_b, D_b, z, bias_b, delta_softplus, True, y_f, 0.5)
 
 
-def _pair_order(grads_f, grads_b):
-    """Two directions' gradients in _backward's order (u, delta, A, B, C, D, z, delta_bias) -> the pair's inputs'
-    order: each direction's u, delta, A, B, C, D, delta_bias, then z (the one z gradient, in grads_b)."""
-    return (*grads_f[:6], grads_f[7], *grads_b[:6], grads_b[7], grads_b[6])
-
-
 def _pair_backward(dout, u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b, bias_b, z,
                    delta_softplus):
     """Both directions' backwards, the same dout for both (each halves it as it reads it): the backward direction's
-    first, which writes dz, then the forward direction's, which adds its own dz into that buffer as it stores it."""
-    grads_b = _backward(dout, u_b, dt_b, A_b, B_b, C_b, D_b, z, bias_b, delta_softplus, True, 0.5)
-    grads_f = _backward(dout, u_f, dt_f, A_f, B_f, C_f, D_f, z, bias_f, delta_softplus, False, 0.5,
-                        dz_out=grads_b[6])
-    return _pair_order(grads_f, grads_b)
+    first, which writes dz, then the forward direction's, which adds its own dz into that buffer as it stores it.
+    -> the kernels' buffers, which _pair_grads finishes: each direction's du, ddelta and per-batch dA, dD and dbias,
+    then dz, and both directions' dB and dC in one buffer (2, 2, B, L, N), zeroed by one launch."""
+    Bsz, Dim, L = u_f.shape
+    dBC = torch.zeros(2, 2, Bsz, L, A_f.shape[1], dtype=torch.float32, device=z.device)
+    du_b, ddt_b, dz, _, dA_b, dD_b, dbias_b = _backward_buffers(dout, u_b, dt_b, A_b, B_b, C_b, D_b, z, bias_b,
+                                                                delta_softplus, True, 0.5, dBC=dBC[1])
+    du_f, ddt_f, _, _, dA_f, dD_f, dbias_f = _backward_buffers(dout, u_f, dt_f, A_f, B_f, C_f, D_f, z, bias_f,
+                                                               delta_softplus, False, 0.5, dz_out=dz, dBC=dBC[0])
+    return [du_f, ddt_f, dA_f, dD_f, dbias_f, du_b, ddt_b, dA_b, dD_b, dbias_b, dz, dBC]
 
 
 @torch.library.custom_op("vim::selective_scan_pair_fwd", mutates_args=())
@@ -958,8 +973,8 @@ def _pair_bwd_op(dout: Tensor, u_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tens
                  C_b: Tensor, D_b: Optional[Tensor], bias_b: Optional[Tensor], z: Tensor,
                  delta_softplus: bool) -> List[Tensor]:
     with _device(z):
-        return _listed(_pair_backward(dout, u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b,
-                                      bias_b, z, delta_softplus), z)
+        return _pair_backward(dout, u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b, bias_b, z,
+                              delta_softplus)
 
 
 @_pair_fwd_op.register_fake
@@ -969,8 +984,12 @@ def _(u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b, bias
 
 @_pair_bwd_op.register_fake
 def _(dout, u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b, bias_b, z, delta_softplus):
-    return _listed(_pair_order(_grad_layouts(u_f, dt_f, A_f, B_f, C_f, D_f, z, bias_f),
-                               _grad_layouts(u_b, dt_b, A_b, B_b, C_b, D_b, z, bias_b)), z)
+    Bsz, Dim, L = u_f.shape
+    N = A_f.shape[1]
+    f32 = dict(dtype=torch.float32, device=z.device)
+    direction = lambda u, dt: [_empty_like_bdl(u), _empty_like_bdl(dt), torch.empty(Bsz, N, Dim, **f32),  # noqa: E731
+                               torch.empty(Bsz, Dim, **f32), torch.empty(Bsz, Dim, **f32)]
+    return direction(u_f, dt_f) + direction(u_b, dt_b) + [_empty_like_bdl(z), torch.empty(2, 2, Bsz, L, N, **f32)]
 
 
 def _pair_setup_context(ctx, inputs, output):
@@ -979,8 +998,15 @@ def _pair_setup_context(ctx, inputs, output):
 
 
 def _pair_grads(ctx, dout):
-    tensors = ctx.saved_tensors
-    return (*_given(_pair_bwd_op(dout, *tensors, ctx.delta_softplus), tensors), None)
+    """The pair's gradients: the op's kernels, then their buffers finished (_finish) outside it, where torch.compile
+    traces and fuses the sums, transposes and casts."""
+    u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b, bias_b, z = tensors = ctx.saved_tensors
+    du_f, ddt_f, dA_f, dD_f, dbias_f, du_b, ddt_b, dA_b, dD_b, dbias_b, dz, dBC = _pair_bwd_op(
+        dout, *tensors, ctx.delta_softplus)
+    grads_f = _finish(du_f, ddt_f, dz, dBC[0], dA_f, dD_f, dbias_f, A_f, B_f, C_f, D_f, bias_f)
+    grads_b = _finish(du_b, ddt_b, dz, dBC[1], dA_b, dD_b, dbias_b, A_b, B_b, C_b, D_b, bias_b)
+    # the inputs' order: each direction's u, delta, A, B, C, D, delta_bias, then z (both directions' dz, summed)
+    return (*grads_f[:6], grads_f[7], *grads_b[:6], grads_b[7], dz, None)
 
 
 _pair_fwd_op.register_autograd(_pair_grads, setup_context=_pair_setup_context)
