@@ -232,9 +232,7 @@ def _(x, w_f, b_f, w_b, b_b, p_f, p_b):
     return out + [x.new_empty(*x.shape[:2], p.shape[0]) for p in (p_f, p_b)]
 
 
-@torch.library.custom_op("vim::conv_pair_bwd", mutates_args=())
-def _conv_pair_bwd(du_f: Tensor, du_b: Tensor, e_f: Optional[Tensor], e_b: Optional[Tensor], x: Tensor,
-                   w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) -> List[Tensor]:
+def _conv_pair_backward(du_f, du_b, e_f, e_b, x, w_f, b_f, w_b, b_b):
     """-> dx, and the weights' and biases' gradients as per-batch sums (B, 2, K + 1, D) fp32, which _backward
     finishes. e_f, e_b: u's second gradients (from the projections), which the kernel adds to du_f's and du_b's."""
     Bsz, L, Dim = x.shape
@@ -253,6 +251,12 @@ def _conv_pair_bwd(du_f: Tensor, du_b: Tensor, e_f: Optional[Tensor], e_b: Optio
             du_f.stride(1), du_b.stride(0), du_b.stride(1), dx.stride(0), dx.stride(1),
             K=K, R=ROWS, BLOCK_D=BLOCK_D, HAS_EXTRA=extra, num_warps=BLOCK_D // 32)
     return [dx, dw]
+
+
+@torch.library.custom_op("vim::conv_pair_bwd", mutates_args=())
+def _conv_pair_bwd(du_f: Tensor, du_b: Tensor, e_f: Optional[Tensor], e_b: Optional[Tensor], x: Tensor,
+                   w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) -> List[Tensor]:
+    return _conv_pair_backward(du_f, du_b, e_f, e_b, x, w_f, b_f, w_b, b_b)
 
 
 @_conv_pair_bwd.register_fake

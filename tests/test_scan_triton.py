@@ -319,6 +319,48 @@ def test_backward_scratch_holds_every_chunk_start_but_the_first():
         assert ck.numel() == max((chunks - 1) * grid[0] * grid[1] * meta["BLOCK_N"] * 32, 1), (dtype, n, L)
 
 
+def test_the_backward_ops_run_only_their_kernels_and_one_zero_fill(monkeypatch):
+    """Inside the scan pair's and the conv pair's backward ops (opaque to torch.compile, so each torch op there is an
+    eager launch a step) run only the Triton kernels, buffer allocations and views, and one zero fill for both
+    directions' dB and dC: the sums, transposes, casts and products are in the autograd formulas, which torch.compile
+    traces and fuses."""
+    pytest.importorskip("triton")
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import models.conv_triton as ct
+    import models.scan_triton as st
+    launches = []
+
+    class Stub:  # the kernels, counted and not run
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launches.append(meta.get("PASS"))
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(st, "_bwd_kernel", Stub())
+    monkeypatch.setattr(ct, "_conv_bwd_kernel", Stub())
+    allowed = {"empty", "transpose", "select", "unbind"}
+    f, b = (make_inputs(_case(2, 40, 16, 7, seed=seed), "cpu", torch.bfloat16) for seed in (0, 1))
+    names = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+    with Record() as record:
+        st._pair_backward(f["dout"], *(f[k] for k in names), *(b[k] for k in names), f["z"], True)
+    assert launches == [1, 2, 1, 2]
+    assert record.ops.count("zeros") == 1 and set(record.ops) - allowed == {"zeros"}, record.ops
+    x, w, bias = torch.randn(2, 7, 40, dtype=torch.bfloat16), torch.randn(40, 4), torch.randn(40)
+    for e in (None, x.clone()):
+        du_b, e_b = x.clone(), None if e is None else e.clone()
+        with Record() as record:
+            ct._conv_pair_backward(x, du_b, e, e_b, x, w, bias, w, bias)
+        assert set(record.ops) <= allowed, record.ops
+    assert len(launches) == 6
+
+
 def test_the_pairs_second_backward_adds_into_the_firsts_dz():
     """Given dz_out (the scan pair's second backward), pass 2 stores z's gradient into that buffer, adding to it
     (DZ_ADD), and allocates none of its own; without it, a new buffer and no add. A dz_out unlike z is refused."""
