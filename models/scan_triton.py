@@ -824,7 +824,7 @@ def _finish(du, ddelta, dz, dBC, dA, dD, dbias, A, B, C, D, delta_bias):
     """The backward kernel's buffers -> the gradients in _backward's order, in the inputs' dtypes: per-batch partials
     summed, dA (B, N, D) -> (D, N), dB and dC (B, L, N) -> (B, N, L) views. Plain torch ops, kept out of the custom
     ops so that torch.compile traces them into the backward graph and fuses them: run eagerly inside an op, these
-    casts, sums and copies were 5 of a direction's 7 launches (docs/SPEED.md)."""
+    sums, copies and casts were 8 of the 12 launches of a direction's backward (docs/SPEED.md)."""
     dA = dA.sum(0).t().to(A.dtype)
     dB, dC = (g.transpose(1, 2).to(x.dtype) for g, x in zip(dBC.unbind(0), (B, C)))
     dD = dD.sum(0).to(D.dtype) if D is not None else None
