@@ -731,6 +731,13 @@ def _empty_like_bdl(x):
     return torch.empty(Bsz, Dim, L, dtype=x.dtype, device=x.device)
 
 
+def _partials(u, A):
+    """The backward kernel's per-batch partial sums, fp32: dA (B, N, D), dD (B, D), dbias (B, D)."""
+    Bsz, Dim, _ = u.shape
+    f32 = dict(dtype=torch.float32, device=u.device)
+    return torch.empty(Bsz, A.shape[1], Dim, **f32), torch.empty(Bsz, Dim, **f32), torch.empty(Bsz, Dim, **f32)
+
+
 def _packed(B, C):
     """Whether B and C can be read as pairs of bf16 in 32-bit words (each time step's values contiguous and aligned;
     the model's x_proj output qualifies)."""
@@ -768,8 +775,8 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     """-> (grid, arguments, compile-time constants but PASS, output buffers) of the backward kernel's two launches,
     one per pass (the registers tool, tools/scan_regs.py, compiles exactly these without a GPU). dz_out: z's gradient
     from the other direction's backward (the scan pair's), which pass 2 adds its own to (DZ_ADD), in place. dBC: a
-    zeroed (2, B, L, N) fp32 buffer for the dB and dC the kernel adds into (the scan pair zeroes both directions'
-    with one launch); by default one of its own."""
+    zeroed, contiguous (2, B, L, N) fp32 buffer for the dB and dC the kernel adds into (the scan pair zeroes both
+    directions' with one launch); by default one of its own."""
     Bsz, Dim, L = u.shape
     if dz_out is not None and (z is None or dz_out.shape != z.shape or dz_out.dtype != z.dtype):
         raise ValueError("dz_out must be z's gradient: z's shape and dtype")
@@ -784,12 +791,8 @@ def _backward_launch(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     dz = _empty_like_bdl(z) if z is not None and dz_out is None else dz_out
     if dBC is None:
         dBC = torch.zeros(2, Bsz, L, N, **f32)
-    elif dBC.shape != (2, Bsz, L, N) or dBC.dtype != torch.float32 or not dBC.is_contiguous():
-        raise ValueError(f"dBC must be a contiguous fp32 (2, {Bsz}, {L}, {N}) buffer")
     dB, dC = dBC.unbind(0)
-    dA = torch.empty(Bsz, N, Dim, **f32)
-    dD = torch.empty(Bsz, Dim, **f32)
-    dbias = torch.empty(Bsz, Dim, **f32)
+    dA, dD, dbias = _partials(u, A)
     slots = triton.cdiv(L, chunk) - 1
     ck_dtype = torch.float32 if u.dtype == torch.float32 else torch.bfloat16
     ck = torch.empty(max(slots * grid[0] * Bsz * block_n * LANES, 1), dtype=ck_dtype, device=u.device)
@@ -897,12 +900,10 @@ def scan_op(name, forward, backward):
 
     @bwd_op.register_fake
     def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out_scale):
-        Bsz, Dim, L = u.shape
-        N = A.shape[1]
-        f32 = dict(dtype=torch.float32, device=u.device)
-        return _listed((_empty_like_bdl(u), _empty_like_bdl(delta), None if z is None else _empty_like_bdl(z),
-                        torch.empty(2, Bsz, L, N, **f32), torch.empty(Bsz, N, Dim, **f32),
-                        torch.empty(Bsz, Dim, **f32), torch.empty(Bsz, Dim, **f32)), u)
+        Bsz, _, L = u.shape
+        dBC = torch.empty(2, Bsz, L, A.shape[1], dtype=torch.float32, device=u.device)
+        return _listed((_empty_like_bdl(u), _empty_like_bdl(delta), None if z is None else _empty_like_bdl(z), dBC,
+                        *_partials(u, A)), u)
 
     def setup_context(ctx, inputs, output):
         *tensors, ctx.delta_softplus, ctx.reverse, out_add, ctx.out_scale = inputs
@@ -949,7 +950,7 @@ def _pair_backward(dout, u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, 
     first, which writes dz, then the forward direction's, which adds its own dz into that buffer as it stores it.
     -> the kernels' buffers, which _pair_grads finishes: each direction's du, ddelta and per-batch dA, dD and dbias,
     then dz, and both directions' dB and dC in one buffer (2, 2, B, L, N), zeroed by one launch."""
-    Bsz, Dim, L = u_f.shape
+    Bsz, _, L = u_f.shape
     dBC = torch.zeros(2, 2, Bsz, L, A_f.shape[1], dtype=torch.float32, device=z.device)
     du_b, ddt_b, dz, _, dA_b, dD_b, dbias_b = _backward_buffers(dout, u_b, dt_b, A_b, B_b, C_b, D_b, z, bias_b,
                                                                 delta_softplus, True, 0.5, dBC=dBC[1])
@@ -984,12 +985,10 @@ def _(u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b, bias
 
 @_pair_bwd_op.register_fake
 def _(dout, u_f, dt_f, A_f, B_f, C_f, D_f, bias_f, u_b, dt_b, A_b, B_b, C_b, D_b, bias_b, z, delta_softplus):
-    Bsz, Dim, L = u_f.shape
-    N = A_f.shape[1]
-    f32 = dict(dtype=torch.float32, device=z.device)
-    direction = lambda u, dt: [_empty_like_bdl(u), _empty_like_bdl(dt), torch.empty(Bsz, N, Dim, **f32),  # noqa: E731
-                               torch.empty(Bsz, Dim, **f32), torch.empty(Bsz, Dim, **f32)]
-    return direction(u_f, dt_f) + direction(u_b, dt_b) + [_empty_like_bdl(z), torch.empty(2, 2, Bsz, L, N, **f32)]
+    Bsz, _, L = u_f.shape
+    dBC = torch.empty(2, 2, Bsz, L, A_f.shape[1], dtype=torch.float32, device=z.device)
+    return [_empty_like_bdl(u_f), _empty_like_bdl(dt_f), *_partials(u_f, A_f), _empty_like_bdl(u_b),
+            _empty_like_bdl(dt_b), *_partials(u_b, A_b), _empty_like_bdl(z), dBC]
 
 
 def _pair_setup_context(ctx, inputs, output):
